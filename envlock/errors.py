@@ -1,0 +1,136 @@
+"""The one error hierarchy. The CLI maps each class to an exit code (DESIGN section 1).
+
+Instances carry the facts as fields and build their own message, so the CLI can print one
+line (``str(err)``) and, where it helps, one line of advice (``err.hint``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+EXIT_OK = 0
+EXIT_MISMATCH = 1
+EXIT_BAD_INPUT = 2
+EXIT_ENVIRONMENT = 3
+EXIT_WORKER = 4
+
+
+class EnvlockError(Exception):
+    """Base of every user-facing failure."""
+
+    exit_code = EXIT_BAD_INPUT
+
+    def __init__(self, message: str, *, hint: str | None = None, cause: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+        # A stable cause code from DESIGN section 4, where the failure has one.
+        self.cause = cause
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class BadInputError(EnvlockError):
+    """Bad usage or bad input: a missing file, a wrong shape, a corrupt archive (exit 2)."""
+
+    exit_code = EXIT_BAD_INPUT
+
+
+class ModelFileError(BadInputError):
+    """The model path is missing, is not a model, or is corrupt."""
+
+    def __init__(self, path: object, problem: str, *, hint: str | None = None) -> None:
+        super().__init__(f"{path}: {problem}", hint=hint)
+        self.path = path
+        self.problem = problem
+
+
+class SidecarError(BadInputError):
+    """The sidecar is missing, of an unknown schema, or was modified after it was written."""
+
+    def __init__(self, sidecar: object, problem: str, *, file: str | None = None,
+                 hint: str | None = None) -> None:
+        where = f"{sidecar}/{file}" if file else str(sidecar)
+        super().__init__(f"{where}: {problem}", hint=hint)
+        self.sidecar = sidecar
+        self.file = file
+        self.problem = problem
+
+
+class InputArrayError(BadInputError):
+    """An input array does not fit the model (shape, dtype, object/pickled data, missing key)."""
+
+
+class MismatchError(EnvlockError):
+    """Predictions (or restored weights) do not match what the lock recorded (exit 1)."""
+
+    exit_code = EXIT_MISMATCH
+
+
+class WeightsNotRestoredError(MismatchError):
+    """The model as loaded back from its file holds other weights than the model that was saved."""
+
+    def __init__(self, layers: Sequence[str], *, detail: str = "") -> None:
+        names = ", ".join(layers) if layers else "(unknown layers)"
+        msg = f"weights_not_restored: weights of layer(s) {names} differ after loading the file back"
+        if detail:
+            msg += f" ({detail})"
+        super().__init__(
+            msg,
+            hint="give the custom layer a build() that creates its weights, or pass --allow-mismatch",
+            cause="weights_not_restored",
+        )
+        self.layers = list(layers)
+
+
+class EnvironmentBuildError(EnvlockError):
+    """The locked environment could not be built or found (exit 3)."""
+
+    exit_code = EXIT_ENVIRONMENT
+
+
+class InterpreterNotFoundError(EnvironmentBuildError):
+    def __init__(self, version: str, searched: Sequence[str]) -> None:
+        super().__init__(
+            f"no Python {version} found (looked in: {', '.join(searched) or 'nowhere'})",
+            hint=f"install Python {version} (e.g. `uv python install {version}` or "
+            f"`pyenv install {version}`), or pass --allow-python-download",
+        )
+        self.version = version
+        self.searched = list(searched)
+
+
+class ToolNotFoundError(EnvironmentBuildError):
+    def __init__(self, tool: str, searched: Sequence[str], *, hint: str | None = None) -> None:
+        super().__init__(f"{tool} not found (looked in: {', '.join(searched) or 'nowhere'})", hint=hint)
+        self.tool = tool
+        self.searched = list(searched)
+
+
+class WorkerError(EnvlockError):
+    """The worker crashed, timed out or could not load the model (exit 4)."""
+
+    exit_code = EXIT_WORKER
+
+    def __init__(self, message: str, *, log_tail: str = "", hint: str | None = None,
+                 cause: str | None = None) -> None:
+        super().__init__(message, hint=hint, cause=cause)
+        self.log_tail = log_tail
+
+
+class CommandError(EnvlockError):
+    """An external command failed. Carries the argv and the tail of its stderr."""
+
+    exit_code = EXIT_ENVIRONMENT
+
+    def __init__(self, argv: Sequence[str], returncode: int, stderr_tail: str, *,
+                 what: str | None = None) -> None:
+        prog = argv[0] if argv else "?"
+        last = stderr_tail.strip().splitlines()[-1] if stderr_tail.strip() else ""
+        head = what or f"`{prog}` failed"
+        msg = f"{head} (exit {returncode})" + (f": {last}" if last else "")
+        super().__init__(msg)
+        self.argv = list(argv)
+        self.returncode = returncode
+        self.stderr_tail = stderr_tail

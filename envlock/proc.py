@@ -1,0 +1,183 @@
+"""The one place that runs subprocesses.
+
+Takes argv lists (never a shell string), starts from a clean environment (no stray
+PYTHONPATH, PIP_*, UV_*, VIRTUAL_ENV, CONDA_PREFIX; UTF-8 forced), logs the command, and
+turns a failure into a :class:`CommandError` carrying the argv and the tail of stderr.
+Output is read on threads so that a chatty child cannot deadlock on a full pipe.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+from envlock.errors import CommandError
+
+log = logging.getLogger("envlock.proc")
+
+# Variables that would make a child install into, or import from, the wrong place.
+_STRIPPED_PREFIXES = ("PIP_", "UV_", "PYTHON", "CONDA_", "VIRTUAL_ENV", "__PYVENV")
+STDERR_TAIL_LINES = 30
+
+
+def clean_env(
+    extra: Mapping[str, str] | None = None,
+    *,
+    keep: Sequence[str] = (),
+    base: Mapping[str, str] | None = None,
+) -> dict[str, str]:
+    """The environment a child gets: ours minus installer/interpreter variables, plus ``extra``.
+
+    ``keep`` names variables (or prefixes ending in ``*``) to pass through anyway, for
+    example ``UV_CACHE_DIR`` so that every uv call shares one cache.
+    """
+    src = dict(os.environ if base is None else base)
+    keep_exact = {k for k in keep if not k.endswith("*")}
+    keep_prefix = tuple(k[:-1] for k in keep if k.endswith("*"))
+    env: dict[str, str] = {}
+    for k, v in src.items():
+        kept = k in keep_exact or (bool(keep_prefix) and k.startswith(keep_prefix))
+        if kept or not k.startswith(_STRIPPED_PREFIXES):
+            env[k] = v
+    env["PYTHONIOENCODING"] = "utf-8"
+    env["PYTHONUTF8"] = "1"
+    env.setdefault("LC_ALL", src.get("LC_ALL", "C.UTF-8"))
+    if extra:
+        env.update(extra)
+    return env
+
+
+@dataclass(frozen=True)
+class Completed:
+    argv: list[str]
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def _tail(text: str, lines: int = STDERR_TAIL_LINES) -> str:
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def run(
+    argv: Sequence[str | os.PathLike[str]],
+    *,
+    env: Mapping[str, str] | None = None,
+    cwd: str | os.PathLike[str] | None = None,
+    timeout: float | None = None,
+    check: bool = True,
+    what: str | None = None,
+    input_text: str | None = None,
+    on_stderr_line: Callable[[str], None] | None = None,
+) -> Completed:
+    """Run ``argv`` to completion and return its output.
+
+    ``env`` is the full child environment (build it with :func:`clean_env`); None means
+    ``clean_env()``. ``on_stderr_line`` sees each stderr line as it arrives (for progress).
+    """
+    args = [os.fspath(a) for a in argv]
+    child_env = clean_env() if env is None else dict(env)
+    log.debug("run: %s", " ".join(args))
+    try:
+        proc = subprocess.Popen(
+            args,
+            stdin=subprocess.PIPE if input_text is not None else subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=child_env,
+            cwd=cwd,
+            text=True,
+            encoding="utf-8",
+            errors="replace",
+            start_new_session=True,
+        )
+    except FileNotFoundError as exc:
+        raise CommandError(args, 127, str(exc), what=what) from exc
+    out_chunks: list[str] = []
+    err_chunks: list[str] = []
+
+    def pump(stream: IO[str], sink: list[str], cb: Callable[[str], None] | None) -> None:
+        for line in stream:
+            sink.append(line)
+            if cb is not None:
+                cb(line.rstrip("\n"))
+
+    assert proc.stdout is not None and proc.stderr is not None
+    threads = [
+        threading.Thread(target=pump, args=(proc.stdout, out_chunks, None), daemon=True),
+        threading.Thread(target=pump, args=(proc.stderr, err_chunks, on_stderr_line), daemon=True),
+    ]
+    for t in threads:
+        t.start()
+    try:
+        if input_text is not None:
+            assert proc.stdin is not None
+            proc.stdin.write(input_text)
+            proc.stdin.close()
+        returncode = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_tree(proc)
+        for t in threads:
+            t.join(timeout=5)
+        raise CommandError(args, -9, "".join(err_chunks) + f"\ntimed out after {timeout:.0f}s",
+                           what=what) from None
+    except BaseException:
+        # Ctrl-C or anything else: never leave the child running behind us.
+        kill_tree(proc)
+        raise
+    for t in threads:
+        t.join()
+    done = Completed(args, returncode, "".join(out_chunks), "".join(err_chunks))
+    if check and returncode != 0:
+        raise CommandError(args, returncode, _tail(done.stderr or done.stdout), what=what)
+    return done
+
+
+def spawn(
+    argv: Sequence[str | os.PathLike[str]],
+    *,
+    env: Mapping[str, str],
+    stderr_path: Path,
+    cwd: str | os.PathLike[str] | None = None,
+) -> subprocess.Popen[bytes]:
+    """Start a long-lived child with binary pipes on stdin/stdout and stderr sent to a file.
+
+    Used for the worker: frames go over the pipes, TensorFlow's logs go to ``stderr_path``.
+    """
+    args = [os.fspath(a) for a in argv]
+    log.debug("spawn: %s (stderr -> %s)", " ".join(args), stderr_path)
+    stderr_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(stderr_path, "ab") as err:
+        try:
+            return subprocess.Popen(
+                args,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=err,
+                env=dict(env),
+                cwd=cwd,
+                start_new_session=True,
+            )
+        except OSError as exc:
+            raise CommandError(args, 127, str(exc), what="could not start the worker") from exc
+
+
+def kill_tree(proc: subprocess.Popen) -> None:  # type: ignore[type-arg]
+    """Kill a child started by :func:`run` or :func:`spawn`, with its process group."""
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError, AttributeError):
+        proc.kill()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:  # pragma: no cover - a zombie we cannot reap
+        pass
