@@ -1,0 +1,231 @@
+"""Import the model's framework and read (or apply) its settings, inside the worker.
+
+Every value here is the *effective* one in this process, after the framework initialised:
+the environment variable says what was asked for, the framework says what happened.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+ENV_VARS = (
+    "TF_ENABLE_ONEDNN_OPTS", "TF_DETERMINISTIC_OPS", "TF_CUDNN_DETERMINISTIC", "TF_XLA_FLAGS",
+    "XLA_FLAGS", "PYTHONHASHSEED", "CUDA_VISIBLE_DEVICES", "TF_USE_LEGACY_KERAS", "KERAS_BACKEND",
+    "TF_ENABLE_XLA", "TF_NUM_INTEROP_THREADS", "TF_NUM_INTRAOP_THREADS", "OMP_NUM_THREADS",
+    "TF_FORCE_GPU_ALLOW_GROWTH", "TF_GPU_ALLOCATOR", "NVIDIA_TF32_OVERRIDE",
+)
+PACKAGES = ("tensorflow", "tensorflow-cpu", "tensorflow-intel", "tensorflow-macos", "keras",
+            "tf-keras", "jax", "jaxlib", "torch", "numpy", "h5py", "ml-dtypes")
+
+
+def _dist_version(name: str):  # type: ignore[no-untyped-def]
+    try:
+        from importlib import metadata
+        return metadata.version(name)
+    except Exception:
+        return None
+
+
+def uses_legacy_keras() -> bool:
+    return os.environ.get("TF_USE_LEGACY_KERAS", "").lower() in ("1", "true", "yes")
+
+
+def import_keras():  # type: ignore[no-untyped-def]
+    """The Keras a user's `import keras` / `tf.keras` resolves to in this environment."""
+    if uses_legacy_keras():
+        try:
+            import tf_keras as keras  # type: ignore
+            return keras
+        except ImportError:
+            pass
+    try:
+        import keras  # type: ignore
+        return keras
+    except ImportError:
+        from tensorflow import keras  # type: ignore
+        return keras
+
+
+def import_tf():  # type: ignore[no-untyped-def]
+    try:
+        import tensorflow as tf  # type: ignore
+        return tf
+    except ImportError:
+        return None
+
+
+def keras_version(keras) -> str:  # type: ignore[no-untyped-def]
+    return str(getattr(keras, "__version__", None) or _dist_version("keras") or "")
+
+
+def keras_backend(keras) -> str:  # type: ignore[no-untyped-def]
+    cfg = getattr(keras, "config", None)
+    if cfg is not None and hasattr(cfg, "backend"):
+        return str(cfg.backend())
+    return str(keras.backend.backend())
+
+
+def framework_facts() -> dict:  # type: ignore[type-arg]
+    keras = import_keras()
+    tf = import_tf()
+    versions = {}
+    for name in PACKAGES:
+        v = _dist_version(name)
+        if v is not None:
+            versions[name] = v
+    facts = {
+        "versions": versions,
+        "keras_version": keras_version(keras),
+        "keras_major": int(keras_version(keras).split(".")[0] or 0),
+        "keras_module": keras.__name__,
+        "backend": keras_backend(keras),
+        "legacy_keras": uses_legacy_keras(),
+        "tensorflow_version": getattr(tf, "__version__", None),
+        "tf_build": None,
+        "gpus_visible": [],
+    }
+    if tf is not None:
+        try:
+            info = dict(tf.sysconfig.get_build_info())
+            facts["tf_build"] = {
+                "is_cuda_build": bool(info.get("is_cuda_build", False)),
+                "is_rocm_build": bool(info.get("is_rocm_build", False)),
+                "cuda_version": info.get("cuda_version"),
+                "cudnn_version": info.get("cudnn_version"),
+                "cuda_compute_capabilities": info.get("cuda_compute_capabilities"),
+            }
+        except Exception as exc:  # very old TF, or a broken build
+            facts["tf_build"] = {"error": str(exc)}
+        try:
+            for dev in tf.config.list_physical_devices("GPU"):
+                details = {}
+                try:
+                    details = dict(tf.config.experimental.get_device_details(dev))
+                except Exception:
+                    pass
+                cc = details.get("compute_capability")
+                facts["gpus_visible"].append({
+                    "name": dev.name,
+                    "device_name": details.get("device_name"),
+                    "compute_capability": "%d.%d" % tuple(cc) if cc else None,
+                })
+        except Exception:
+            pass
+    return facts
+
+
+def _onednn(tf) -> dict:  # type: ignore[no-untyped-def,type-arg]
+    requested = os.environ.get("TF_ENABLE_ONEDNN_OPTS")
+    effective = None
+    if tf is not None:
+        try:
+            from tensorflow.python.util import _pywrap_util_port  # type: ignore
+            effective = bool(_pywrap_util_port.IsMklEnabled())
+        except Exception:
+            effective = None
+    return {"env": requested, "effective": effective}
+
+
+def _op_determinism(tf):  # type: ignore[no-untyped-def]
+    fn = getattr(tf.config.experimental, "is_op_determinism_enabled", None)
+    if fn is None:  # not exported by every release; the internal one has been there since 2.8
+        from tensorflow.python.framework import config as tf_config  # type: ignore
+        fn = tf_config.is_op_determinism_enabled
+    return bool(fn())
+
+
+def determinism_facts() -> dict:  # type: ignore[type-arg]
+    keras = import_keras()
+    tf = import_tf()
+    facts = {
+        "env": {k: os.environ.get(k) for k in ENV_VARS},
+        "hash_randomization": bool(sys.flags.hash_randomization),
+        "onednn": _onednn(tf),
+        "op_determinism": None,
+        "tf32": None,
+        "intra_op_threads": None,
+        "inter_op_threads": None,
+        "jit": None,
+        "cpu_count": os.cpu_count(),
+        "dtype_policy": None,
+        "floatx": None,
+    }
+    if tf is not None:
+        cfg = tf.config
+        for key, fn in (
+            ("op_determinism", lambda: _op_determinism(tf)),
+            ("tf32", lambda: cfg.experimental.tensor_float_32_execution_enabled()),
+            ("intra_op_threads", lambda: cfg.threading.get_intra_op_parallelism_threads()),
+            ("inter_op_threads", lambda: cfg.threading.get_inter_op_parallelism_threads()),
+            ("jit", lambda: cfg.optimizer.get_jit()),
+        ):
+            try:
+                value = fn()
+                facts[key] = value if isinstance(value, (bool, int, str)) or value is None else str(value)
+            except Exception:
+                pass
+    try:
+        cfg = getattr(keras, "config", None)
+        if cfg is not None and hasattr(cfg, "dtype_policy"):
+            pol = cfg.dtype_policy()
+        else:
+            pol = keras.mixed_precision.global_policy()
+        facts["dtype_policy"] = getattr(pol, "name", str(pol))
+    except Exception:
+        pass
+    try:
+        cfg = getattr(keras, "config", None)
+        facts["floatx"] = cfg.floatx() if cfg is not None and hasattr(cfg, "floatx") else keras.backend.floatx()
+    except Exception:
+        pass
+    return facts
+
+
+def apply_settings(settings: dict) -> list:  # type: ignore[type-arg]
+    """Apply recorded in-process settings before the model is built. Returns what was applied.
+
+    Threads must be set before TensorFlow runs its first op, so this runs before loading.
+    """
+    tf = import_tf()
+    applied = []
+    if tf is None:
+        return applied
+    cfg = tf.config
+    if settings.get("op_determinism"):
+        try:
+            cfg.experimental.enable_op_determinism()
+            applied.append("op_determinism")
+        except Exception:
+            pass
+    if settings.get("tf32") is not None:
+        try:
+            cfg.experimental.enable_tensor_float_32_execution(bool(settings["tf32"]))
+            applied.append("tf32")
+        except Exception:
+            pass
+    for key, setter in (("intra_op_threads", cfg.threading.set_intra_op_parallelism_threads),
+                        ("inter_op_threads", cfg.threading.set_inter_op_parallelism_threads)):
+        if settings.get(key):
+            try:
+                setter(int(settings[key]))
+                applied.append(key)
+            except Exception:  # already initialised: recorded as not applied
+                pass
+    if settings.get("jit") not in (None, "", False):
+        try:
+            cfg.optimizer.set_jit(settings["jit"])
+            applied.append("jit")
+        except Exception:
+            pass
+    if settings.get("dtype_policy") and settings["dtype_policy"] != "float32":
+        keras = import_keras()
+        try:
+            if hasattr(getattr(keras, "config", None), "set_dtype_policy"):
+                keras.config.set_dtype_policy(settings["dtype_policy"])
+            else:
+                keras.mixed_precision.set_global_policy(settings["dtype_policy"])
+            applied.append("dtype_policy")
+        except Exception:
+            pass
+    return applied

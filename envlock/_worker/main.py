@@ -1,0 +1,174 @@
+"""The worker's loop: read a request frame, do it, answer with one result frame.
+
+Requests are {"id", "op", "args"}; answers {"id", "ok": true, "result"} or {"id", "ok":
+false, "error": {"message", "cause", "kind", "traceback"}}; progress is {"id", "event":
+"progress", "done", "total"}. stdout is reserved for frames: fd 1 is pointed at stderr so
+that nothing the framework prints can corrupt the protocol.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+
+from . import protocol
+
+
+class Worker:
+    def __init__(self, out) -> None:  # type: ignore[no-untyped-def]
+        self.out = out
+        self.model = None
+        self.path = None
+        self.config = None
+        self.specs = None
+        self._request_id = None
+
+    def emit(self, event: dict) -> None:  # type: ignore[type-arg]
+        event = dict(event)
+        event["id"] = self._request_id
+        protocol.write_frame(self.out, event)
+
+    # -- ops -----------------------------------------------------------------------------
+    def op_hello(self, args):  # type: ignore[no-untyped-def]
+        return {"pid": os.getpid(), "python": sys.version.split()[0], "executable": sys.executable}
+
+    def op_prepare(self, args):  # type: ignore[no-untyped-def]
+        """Import the framework (the slow part), apply settings, import custom modules."""
+        from .framework import apply_settings, framework_facts, import_keras, import_tf
+        from .model import load_extra_modules
+        t0 = time.time()
+        import_tf()
+        applied = apply_settings(args.get("settings") or {})
+        import_keras()
+        modules = load_extra_modules(args.get("modules"), args.get("sys_path"))
+        return {"framework": framework_facts(), "applied": applied, "modules": modules,
+                "import_seconds": time.time() - t0}
+
+    def op_load(self, args):  # type: ignore[no-untyped-def]
+        from .model import custom_objects, input_specs, load_model, read_file_config, static_findings
+        custom = {}
+        for name, (module, attr) in (args.get("custom_objects") or {}).items():
+            import importlib
+            custom[name] = getattr(importlib.import_module(module), attr)
+        t0 = time.time()
+        self.path = args["path"]
+        self.model = load_model(self.path, safe_mode=args.get("safe_mode", True),
+                                custom_objects=custom or None)
+        self.config = read_file_config(self.path)
+        self.specs = input_specs(self.model)
+        return {
+            "load_seconds": time.time() - t0,
+            "inputs": self.specs,
+            "custom_objects": custom_objects(self.model, self.config),
+            "static_findings": static_findings(self.model),
+        }
+
+    def op_facts(self, args):  # type: ignore[no-untyped-def]
+        from .framework import determinism_facts, framework_facts
+        return {"framework": framework_facts(), "determinism": determinism_facts()}
+
+    def op_fingerprint(self, args):  # type: ignore[no-untyped-def]
+        from .fingerprint import fingerprint_weights
+        from .model import model_weights
+        return fingerprint_weights(model_weights(self._need_model()))
+
+    def op_stored_weights(self, args):  # type: ignore[no-untyped-def]
+        from .model import stored_weights
+        return stored_weights(args.get("path") or self.path)
+
+    def op_make_probe(self, args):  # type: ignore[no-untyped-def]
+        import numpy as np
+
+        from .arrays import probe_inputs
+        self._need_model()
+        arrays = probe_inputs(self.specs, seed=int(args.get("seed", 0)), rows=int(args.get("rows", 16)))
+        np.savez(args["path"], **arrays)
+        return {"names": list(arrays)}
+
+    def op_predict(self, args):  # type: ignore[no-untyped-def]
+        """Predict ``input`` (npy/npz) into ``output`` (.npy, or .npz for several outputs)."""
+        import numpy as np
+
+        from .arrays import check_inputs, predict_to_files, read_inputs
+        model = self._need_model()
+        arrays = read_inputs(args["input"], self.specs)
+        check_inputs(arrays, self.specs)
+        output = args["output"]
+        tmp = tempfile.mkdtemp(prefix=".envlock-out-", dir=os.path.dirname(os.path.abspath(output)))
+        try:
+            every = max(1, int(args.get("progress_every", 1)))
+            calls = [0]
+
+            def progress(done, total):  # type: ignore[no-untyped-def]
+                calls[0] += 1
+                if calls[0] % every == 0 or done == total:
+                    self.emit({"event": "progress", "done": done, "total": total})
+
+            t0 = time.time()
+            meta = predict_to_files(model, arrays, int(args.get("batch_size", 32)), tmp, progress)
+            seconds = time.time() - t0
+            npz = args.get("format") == "npz" or len(meta) > 1 or output.endswith(".npz")
+            if npz:
+                import zipfile
+                with zipfile.ZipFile(output, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+                    for m in meta:
+                        zf.write(m["file"], m["name"] + ".npy")
+            else:
+                os.replace(meta[0]["file"], output)
+            del np
+            return {"outputs": [{k: v for k, v in m.items() if k != "file"} for m in meta],
+                    "format": "npz" if npz else "npy", "seconds": seconds}
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def op_shutdown(self, args):  # type: ignore[no-untyped-def]
+        return {"bye": True}
+
+    def _need_model(self):  # type: ignore[no-untyped-def]
+        if self.model is None:
+            from .model import WorkerFailure
+            raise WorkerFailure("no model loaded", kind="protocol")
+        return self.model
+
+
+def main() -> int:
+    out = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    inp = sys.stdin.buffer
+    worker = Worker(out)
+    protocol.write_frame(out, {"event": "ready", "pid": os.getpid(), "python": sys.version.split()[0]})
+    while True:
+        try:
+            req = protocol.read_frame(inp)
+        except protocol.ProtocolError as exc:
+            sys.stderr.write("envlock worker: %s\n" % exc)
+            return 2
+        if req is None:
+            return 0
+        worker._request_id = req.get("id")
+        op = req.get("op", "")
+        handler = getattr(worker, "op_" + op, None)
+        try:
+            if handler is None:
+                raise ValueError("unknown op %r" % op)
+            result = handler(req.get("args") or {})
+            answer = {"id": req.get("id"), "ok": True, "result": result}
+        except BaseException as exc:  # answered, never fatal: the host decides
+            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                raise
+            answer = {"id": req.get("id"), "ok": False, "error": {
+                "message": str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__,
+                "type": type(exc).__name__,
+                "cause": getattr(exc, "cause", None),
+                "kind": getattr(exc, "kind", "internal"),
+                "traceback": traceback.format_exc(),
+            }}
+            traceback.print_exc()
+        protocol.write_frame(out, answer)
+        if op == "shutdown":
+            return 0

@@ -1,0 +1,361 @@
+"""Load a model and describe it: input/output specs, custom objects, stored weights."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import inspect
+import json
+import os
+import sys
+import sysconfig
+import zipfile
+
+import numpy as np
+
+from .fingerprint import array_sha256
+from .framework import import_keras, import_tf
+
+BUILTIN_PREFIXES = ("keras", "tensorflow", "tf_keras", "builtins", "numpy", "keras_nlp",
+                    "keras_cv", "keras_hub", "tensorflow_hub")
+
+
+class WorkerFailure(Exception):
+    """A failure the host shows as one line; ``cause`` is a DESIGN section 4 code."""
+
+    def __init__(self, message: str, cause=None, kind="load"):  # type: ignore[no-untyped-def]
+        Exception.__init__(self, message)
+        self.cause = cause
+        self.kind = kind
+
+
+def is_builtin(module: str) -> bool:
+    return not module or module.split(".")[0] in BUILTIN_PREFIXES
+
+
+def model_format(path: str) -> str:
+    if os.path.isdir(path):
+        return "savedmodel"
+    if path.endswith((".h5", ".hdf5")):
+        return "h5"
+    return "keras"
+
+
+class _SavedModelWrapper:
+    """A SavedModel directory loaded under Keras 3, which no longer loads it as a Model."""
+
+
+def load_model(path: str, safe_mode: bool = True, custom_objects=None):  # type: ignore[no-untyped-def]
+    keras = import_keras()
+    fmt = model_format(path)
+    kwargs = {"compile": False}
+    if custom_objects:
+        kwargs["custom_objects"] = custom_objects
+    major = int(str(getattr(keras, "__version__", "3")).split(".")[0] or 3)
+    try:
+        if fmt == "savedmodel" and major >= 3:
+            layer = keras.layers.TFSMLayer(path, call_endpoint="serving_default")
+            return layer
+        if "safe_mode" in inspect.signature(keras.models.load_model).parameters and fmt == "keras":
+            kwargs["safe_mode"] = safe_mode
+        return keras.models.load_model(path, **kwargs)
+    except Exception as exc:
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        cause = None
+        low = str(exc).lower()
+        if any(s in low for s in ("unknown layer", "could not locate", "unknown object",
+                                   "custom_objects", "no module named")):
+            cause = "custom_object_missing"
+        raise WorkerFailure("could not load %s: %s" % (os.path.basename(path), msg), cause=cause)
+
+
+def _walk_config(node, found):  # type: ignore[no-untyped-def]
+    if isinstance(node, dict):
+        module = node.get("module")
+        cls = node.get("class_name")
+        if isinstance(cls, str) and isinstance(module, str) and not is_builtin(module) \
+                and not cls.startswith("__"):
+            name = node.get("config") if cls == "function" else cls
+            key = (module, name if isinstance(name, str) else cls)
+            if found.get(key) is None:
+                found[key] = node.get("registered_name")
+        for v in node.values():
+            _walk_config(v, found)
+    elif isinstance(node, list):
+        for v in node:
+            _walk_config(v, found)
+
+
+def read_file_config(path: str):  # type: ignore[no-untyped-def]
+    """The model config as stored in the file, without loading the model."""
+    fmt = model_format(path)
+    try:
+        if fmt == "keras":
+            with zipfile.ZipFile(path) as zf:
+                return json.loads(zf.read("config.json"))
+        if fmt == "h5":
+            import h5py  # type: ignore
+            with h5py.File(path, "r") as f:
+                raw = f.attrs.get("model_config")
+                if raw is None:
+                    return None
+                return json.loads(raw.decode() if isinstance(raw, bytes) else raw)
+        meta = os.path.join(path, "keras_metadata.pb")
+        if os.path.exists(meta):
+            data = open(meta, "rb").read()
+            start = data.find(b'{"class_name"')
+            if start >= 0:
+                dec = json.JSONDecoder()
+                obj, _ = dec.raw_decode(data[start:].decode("utf-8", "replace"))
+                return obj
+    except Exception:
+        return None
+    return None
+
+
+def _site_dirs():  # type: ignore[no-untyped-def]
+    dirs = set()
+    for key in ("purelib", "platlib", "stdlib", "platstdlib"):
+        try:
+            dirs.add(os.path.realpath(sysconfig.get_paths()[key]))
+        except Exception:
+            pass
+    try:
+        import site
+        for d in site.getsitepackages() + [site.getusersitepackages()]:
+            dirs.add(os.path.realpath(d))
+    except Exception:
+        pass
+    return [d for d in dirs if d]
+
+
+def _sys_path_root(file_path: str, module: str):  # type: ignore[no-untyped-def]
+    """The sys.path entry under which `module` was found, from its file and dotted name."""
+    parts = module.split(".")
+    root = os.path.dirname(os.path.realpath(file_path))
+    is_pkg = os.path.basename(file_path) == "__init__.py"
+    depth = len(parts) - (0 if is_pkg else 1)
+    for _ in range(depth):
+        root = os.path.dirname(root)
+    return root
+
+
+def describe_object(module: str, name: str, registered, model_classes):  # type: ignore[no-untyped-def]
+    obj = model_classes.get((module, name))
+    if obj is None:
+        mod = sys.modules.get(module)
+        if mod is None:
+            try:
+                mod = importlib.import_module(module)
+            except Exception:
+                mod = None
+        obj = getattr(mod, name.split(".")[-1], None) if mod is not None else None
+    entry = {
+        "registered_name": registered,
+        "module": module,
+        "qualname": getattr(obj, "__qualname__", name),
+        "kind": "function" if inspect.isfunction(obj) else "class",
+        "source_sha256": None,
+        "file": None,
+        "file_sha256": None,
+        "root": None,
+        "in_site_packages": None,
+        "importable": obj is not None,
+        "stateful_attrs": [],
+    }
+    if obj is None:
+        return entry
+    try:
+        src = inspect.getsource(obj)
+        entry["source_sha256"] = hashlib.sha256(src.encode("utf-8")).hexdigest()
+    except (OSError, TypeError):
+        pass
+    try:
+        f = inspect.getsourcefile(obj)
+    except TypeError:
+        f = None
+    if f and os.path.exists(f):
+        real = os.path.realpath(f)
+        entry["file"] = real
+        entry["file_sha256"] = hashlib.sha256(open(real, "rb").read()).hexdigest()
+        entry["in_site_packages"] = any(real.startswith(d + os.sep) for d in _site_dirs())
+        if module != "__main__":
+            entry["root"] = _sys_path_root(real, module)
+    return entry
+
+
+def _all_layers(model):  # type: ignore[no-untyped-def]
+    seen = []
+    stack = [model]
+    while stack:
+        layer = stack.pop()
+        if any(layer is s for s in seen):
+            continue
+        seen.append(layer)
+        for attr in ("layers", "_layers"):
+            subs = getattr(layer, attr, None)
+            if isinstance(subs, (list, tuple)):
+                stack.extend(subs)
+                break
+    return seen
+
+
+def custom_objects(model, config) -> list:  # type: ignore[no-untyped-def,type-arg]
+    found = {}
+    model_classes = {}
+    for layer in _all_layers(model):
+        cls = type(layer)
+        if not is_builtin(cls.__module__):
+            found.setdefault((cls.__module__, cls.__qualname__), None)
+            model_classes[(cls.__module__, cls.__qualname__)] = cls
+    if config is not None:
+        _walk_config(config, found)
+    out = []
+    for (module, name), registered in sorted(found.items(), key=lambda kv: (kv[0][0], str(kv[0][1]))):
+        out.append(describe_object(module, str(name), registered, model_classes))
+    return out
+
+
+def static_findings(model) -> list:  # type: ignore[no-untyped-def,type-arg]
+    """Layers whose output depends on randomness at inference, found from the model itself."""
+    keras = import_keras()
+    findings = []
+    random_bases = []
+    for name in ("RandomFlip", "RandomRotation", "RandomZoom", "RandomCrop", "RandomContrast",
+                 "RandomTranslation", "RandomBrightness", "GaussianNoise", "GaussianDropout",
+                 "AlphaDropout", "Dropout", "SpatialDropout1D", "SpatialDropout2D"):
+        cls = getattr(keras.layers, name, None)
+        if cls is not None:
+            random_bases.append(cls)
+    for layer in _all_layers(model):
+        if random_bases and isinstance(layer, tuple(random_bases)):
+            cfg = {}
+            try:
+                cfg = layer.get_config()
+            except Exception:
+                pass
+            if cfg.get("training") is True or getattr(layer, "_envlock_force_training", False):
+                findings.append({"code": "random_layers_active", "layer": layer.name,
+                                 "evidence": "%s is random at inference" % type(layer).__name__})
+    return findings
+
+
+# -- specs -------------------------------------------------------------------------------
+
+def _dtype_name(dt) -> str:  # type: ignore[no-untyped-def]
+    return str(getattr(dt, "name", dt))
+
+
+def _shape_list(shape):  # type: ignore[no-untyped-def]
+    try:
+        dims = shape.as_list()
+    except AttributeError:
+        dims = list(shape)
+    return [None if d is None else int(d) for d in dims]
+
+
+def _clean_name(name: str) -> str:
+    name = str(name)
+    return name[:-2] if name.endswith(":0") else name
+
+
+def input_specs(model) -> list:  # type: ignore[no-untyped-def,type-arg]
+    inputs = getattr(model, "inputs", None)
+    if inputs:
+        return [{"name": _clean_name(getattr(t, "name", "input_%d" % i)),
+                 "shape": _shape_list(t.shape), "dtype": _dtype_name(t.dtype)}
+                for i, t in enumerate(inputs)]
+    # TFSMLayer (SavedModel under Keras 3): read the serving signature.
+    endpoint = getattr(model, "call_endpoint_fn", None) or getattr(model, "_call_endpoint_fn", None)
+    sig = getattr(endpoint, "structured_input_signature", None)
+    if sig is not None:
+        args, kwargs = sig
+        specs = list(kwargs.items()) if kwargs else [("input_%d" % i, s) for i, s in enumerate(args)]
+        return [{"name": n, "shape": _shape_list(s.shape), "dtype": _dtype_name(s.dtype)}
+                for n, s in sorted(specs)]
+    raise WorkerFailure("cannot tell this model's inputs (a subclassed model?); pass --probe X.npz",
+                        kind="input")
+
+
+def output_names(model, n: int) -> list:  # type: ignore[no-untyped-def,type-arg]
+    names = getattr(model, "output_names", None)
+    if names and len(names) == n:
+        return [str(x) for x in names]
+    return ["output_%d" % i for i in range(n)]
+
+
+# -- weights stored in the file itself -----------------------------------------------------
+
+def _h5_arrays(group, prefix_skip, out, layer_depth):  # type: ignore[no-untyped-def]
+    import h5py  # type: ignore
+
+    def visit(name, obj):  # type: ignore[no-untyped-def]
+        if isinstance(obj, h5py.Dataset):
+            parts = name.split("/")
+            if parts and parts[0] in prefix_skip:
+                return
+            layer = parts[layer_depth] if len(parts) > layer_depth else name
+            out.append({"layer": layer, "key": name, "sha256": array_sha256(obj[()])})
+    group.visititems(visit)
+
+
+def stored_weights(path: str) -> list:  # type: ignore[type-arg]
+    """Every weight array stored in the model file, with the layer it belongs to."""
+    fmt = model_format(path)
+    out = []
+    if fmt == "keras":
+        import io
+
+        import h5py  # type: ignore
+        with zipfile.ZipFile(path) as zf:
+            names = zf.namelist()
+            if "model.weights.h5" not in names:
+                return out
+            data = io.BytesIO(zf.read("model.weights.h5"))
+        with h5py.File(data, "r") as f:
+            # layers/<layer>/vars/<i>; the optimizer's state is not part of the model's output
+            _h5_arrays(f, ("optimizer",), out, 1)
+    elif fmt == "h5":
+        import h5py  # type: ignore
+        with h5py.File(path, "r") as f:
+            group = f["model_weights"] if "model_weights" in f else f
+            _h5_arrays(group, ("optimizer_weights",), out, 0)
+    else:
+        tf = import_tf()
+        prefix = os.path.join(path, "variables", "variables")
+        reader = tf.train.load_checkpoint(prefix)
+        for key in sorted(reader.get_variable_to_shape_map()):
+            if not key.endswith(".ATTRIBUTES/VARIABLE_VALUE") or "optimizer" in key.split("/")[0]:
+                continue
+            parts = key.split("/")
+            layer = parts[-3] if len(parts) >= 3 else key
+            out.append({"layer": layer, "key": key, "sha256": array_sha256(reader.get_tensor(key))})
+    return out
+
+
+def model_weights(model):  # type: ignore[no-untyped-def]
+    weights = getattr(model, "weights", None)
+    if weights is None:
+        return []
+    return list(weights)
+
+
+def load_extra_modules(modules, sys_path) -> list:  # type: ignore[no-untyped-def,type-arg]
+    for p in reversed(sys_path or []):
+        if p not in sys.path:
+            sys.path.insert(0, p)
+    loaded = []
+    for name in modules or []:
+        try:
+            importlib.import_module(name)
+            loaded.append(name)
+        except Exception as exc:
+            raise WorkerFailure("could not import custom-object module %s: %s" % (name, exc),
+                                cause="custom_object_missing")
+    return loaded
+
+
+def as_array(x) -> np.ndarray:  # type: ignore[no-untyped-def]
+    if hasattr(x, "numpy"):
+        x = x.numpy()
+    return np.asarray(x)
