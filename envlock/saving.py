@@ -1,0 +1,435 @@
+"""`envlock save` / `envlock.lock`: capture the environment and reference predictions.
+
+Order matters for speed: the package-index look-ups (network) and GPU facts run on threads
+while the worker imports the framework, loads the file back, fingerprints and probes it.
+The sidecar is written last, all at once (see sidecar.write_sidecar).
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import io
+import os
+import shlex
+import shutil
+import sys
+import tempfile
+import time
+import zipfile
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import envlock
+from envlock import templating
+from envlock._worker.fingerprint import compare_fingerprints, compare_with_stored, fingerprint_weights
+from envlock._worker.framework import ENV_VARS
+from envlock._worker.inventory import installed
+from envlock.errors import InputArrayError, WeightsNotRestoredError
+from envlock.gpu import cuda_env_facts, gpu_facts
+from envlock.hostfacts import platform_facts, python_facts
+from envlock.index import IndexClient
+from envlock.lockfiles import build_lock, render_pylock, render_requirements
+from envlock.modelfile import ModelInfo, inspect_model, sidecar_path
+from envlock.results import SaveResult
+from envlock.settings import Settings
+from envlock.sidecar import write_sidecar
+from envlock.trust import trust
+from envlock.worker import WorkerClient
+
+DEFAULT_ATOL = 1e-6
+DEFAULT_RTOL = 1e-5
+MAIN_MODULE = "__envlock_main__"
+Stage = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class SaveOptions:
+    probe: Path | None = None
+    custom_object_modules: tuple[str, ...] = ()
+    allow_mismatch: bool = False
+    atol: float = DEFAULT_ATOL
+    rtol: float = DEFAULT_RTOL
+    seed: int = 0
+    probe_rows: int = 16
+    batch_size: int = 32
+    command: str = ""
+    extra_sys_path: tuple[str, ...] = ()
+
+
+@dataclass
+class _InMemory:
+    """What the API path knows that the file alone does not: the model as it was in memory."""
+
+    worker: WorkerClient
+    prepare_ticket: tuple[int, str]
+    fingerprint: dict[str, Any]
+    main_source: str | None = None
+    main_objects: dict[str, str] = field(default_factory=dict)
+
+
+def _worker_env() -> dict[str, str]:
+    # The environment being captured is this one: the worker gets it as it is, so that every
+    # setting it reads (oneDNN, threads, hash seed) is the user's.
+    env = dict(os.environ)
+    env["PYTHONUNBUFFERED"] = "1"
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+    return env
+
+
+def _start_worker(workdir: Path, sys_path: Sequence[str], modules: Sequence[str]) -> tuple[WorkerClient,
+                                                                                          tuple[int, str]]:
+    client = WorkerClient(sys.executable, env=_worker_env(), log_path=workdir / "worker.log",
+                          cwd=os.getcwd(), timeout=600)
+    client.start()
+    ticket = client.send("prepare", {"sys_path": list(sys_path), "modules": list(modules)})
+    return client, ticket
+
+
+def _read_probe_file(path: Path, specs: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:
+    names = [s["name"] for s in specs]
+    if not path.is_file():
+        raise InputArrayError(f"{path}: no such probe file")
+    try:
+        if path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as npz:
+                data = {k: npz[k] for k in npz.files}
+            if len(names) == 1 and len(data) == 1:
+                data = {names[0]: next(iter(data.values()))}
+        else:
+            data = {names[0]: np.load(path, allow_pickle=False)}
+    except (ValueError, OSError, zipfile.BadZipFile) as exc:
+        raise InputArrayError(f"{path}: not a readable .npy/.npz probe ({exc})") from exc
+    missing = [n for n in names if n not in data]
+    if missing:
+        raise InputArrayError(f"{path}: no array for input(s) {', '.join(missing)}")
+    return {n: data[n] for n in names}
+
+
+def _main_module_source(objects: Sequence[type]) -> str:
+    """A module holding the __main__ script's imports and the given classes/functions."""
+    main = sys.modules.get("__main__")
+    imports: list[str] = []
+    try:
+        tree = ast.parse(inspect.getsource(main)) if main is not None else None
+    except (OSError, TypeError, SyntaxError):
+        tree = None
+    if tree is not None:
+        src = inspect.getsource(main)  # type: ignore[arg-type]
+        for node in tree.body:
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                seg = ast.get_source_segment(src, node)
+                if seg:
+                    imports.append(seg)
+    parts = ["# Captured by envlock from the __main__ script that defined these objects.",
+             "# Move them into a module of your project: a script cannot be imported at load time.",
+             *imports, ""]
+    for obj in sorted(objects, key=lambda o: inspect.getsourcelines(o)[1]):
+        parts.append(inspect.getsource(obj))
+    return "\n".join(parts) + "\n"
+
+
+def _main_objects(model: Any) -> list[type]:
+    found: list[Any] = []
+    stack = [model]
+    seen: list[Any] = []
+    while stack:
+        layer = stack.pop()
+        if any(layer is s for s in seen):
+            continue
+        seen.append(layer)
+        for cls in type(layer).__mro__:
+            if cls.__module__ == "__main__" and cls not in found:
+                found.append(cls)
+        subs = getattr(layer, "layers", None) or getattr(layer, "_layers", None) or []
+        if isinstance(subs, (list, tuple)):
+            stack.extend(subs)
+    return found
+
+
+def save(model: Any, path: str | os.PathLike[str], *, probe: Any = None, settings: Settings | None = None,
+         custom_objects: Sequence[str] = (), allow_mismatch: bool = False, atol: float = DEFAULT_ATOL,
+         rtol: float = DEFAULT_RTOL, on_stage: Stage | None = None, **save_kwargs: Any) -> SaveResult:
+    """Save ``model`` with Keras, then write its sidecar. ``probe``: array, dict or .npy/.npz path."""
+    path = Path(path)
+    workdir = Path(tempfile.mkdtemp(prefix="envlock-save-"))
+    sys_path = [p for p in sys.path if p and os.path.isdir(p)]
+    try:
+        client, ticket = _start_worker(workdir, [os.getcwd(), *sys_path], custom_objects)
+        try:
+            model.save(os.fspath(path), **save_kwargs)
+            mains = _main_objects(model)
+            mem = _InMemory(client, ticket, fingerprint_weights(model.weights))
+            if mains:
+                mem.main_source = _main_module_source(mains)
+                mem.main_objects = {c.__name__: c.__qualname__ for c in mains}
+            probe_path = None
+            if probe is not None and not isinstance(probe, (str, os.PathLike)):
+                probe_path = workdir / "user-probe.npz"
+                arrays = probe if isinstance(probe, Mapping) else {"__single__": probe}
+                np.savez(probe_path, **{k: np.asarray(v) for k, v in arrays.items()})
+            elif probe is not None:
+                probe_path = Path(probe)
+            options = SaveOptions(probe=probe_path, custom_object_modules=tuple(custom_objects),
+                                  allow_mismatch=allow_mismatch, atol=atol, rtol=rtol,
+                                  command=f"envlock.save(model, {os.fspath(path)!r})")
+            return _lock(path, settings or Settings.from_env(), options, workdir, mem, on_stage)
+        finally:
+            client.close()
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def lock(path: str | os.PathLike[str], *, settings: Settings | None = None,
+         options: SaveOptions | None = None, on_stage: Stage | None = None) -> SaveResult:
+    """Write the sidecar for a model file that already exists."""
+    workdir = Path(tempfile.mkdtemp(prefix="envlock-save-"))
+    try:
+        return _lock(Path(path), settings or Settings.from_env(), options or SaveOptions(), workdir,
+                     None, on_stage)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _lock(path: Path, settings: Settings, options: SaveOptions, workdir: Path, mem: _InMemory | None,
+          on_stage: Stage | None) -> SaveResult:
+    stage = on_stage or (lambda s: None)
+    t0 = time.perf_counter()
+    seconds: dict[str, float] = {}
+    info = inspect_model(path)  # bad model path: exit 2 before anything is started or written
+    if options.probe is not None and not options.probe.is_file():
+        raise InputArrayError(f"{options.probe}: no such probe file")
+    dists = installed()
+    pins = sorted({(d["name"], d["version"]) for d in dists if d["kind"] == "index"
+                   and d["name"] != "envlock"})
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="envlock-save") as pool:
+        lookups_f = pool.submit(IndexClient(settings).lookup_many, pins)
+        gpu_f = pool.submit(gpu_facts)
+        host = {"python": python_facts(), "platform": platform_facts()}
+        code_dir = workdir / "code"
+        sys_path = [os.getcwd(), *options.extra_sys_path]
+        if mem is None:
+            stage("starting the worker")
+            client, ticket = _start_worker(workdir, sys_path, options.custom_object_modules)
+        else:
+            client, ticket = mem.worker, mem.prepare_ticket
+        try:
+            prepared = client.wait(ticket)
+            seconds["framework_import"] = prepared.get("import_seconds", 0.0)
+            custom_map: dict[str, tuple[str, str]] = {}
+            if mem is not None and mem.main_source:
+                code_dir.mkdir(parents=True, exist_ok=True)
+                (code_dir / f"{MAIN_MODULE}.py").write_text(mem.main_source, encoding="utf-8")
+                client.request("prepare", {"sys_path": [str(code_dir)], "modules": [MAIN_MODULE]})
+                custom_map = {name: (MAIN_MODULE, q) for name, q in mem.main_objects.items()}
+            stage("loading the model back in a fresh process")
+            loaded = client.request("load", {"path": str(path.resolve()), "safe_mode": True,
+                                             "custom_objects": custom_map})
+            specs = loaded["inputs"]
+            fingerprint = client.request("fingerprint")
+            if mem is not None:
+                mismatched = compare_fingerprints(mem.fingerprint, fingerprint)
+                against = "the model in memory"
+            else:
+                mismatched = compare_with_stored(client.request("stored_weights"), fingerprint)
+                against = "the weights stored in the file"
+            if mismatched and not options.allow_mismatch:
+                raise WeightsNotRestoredError(mismatched, detail=f"compared with {against}")
+            stage("running the probe")
+            probe_in = workdir / "probe-in.npz"
+            if options.probe is not None:
+                arrays = _read_probe_file(options.probe, specs)
+                np.savez(probe_in, **arrays)
+                probe_source = str(options.probe)
+            else:
+                client.request("make_probe", {"path": str(probe_in), "seed": options.seed,
+                                              "rows": options.probe_rows})
+                probe_source = "generated"
+            outs = []
+            for i in range(2):
+                out = workdir / f"probe-out-{i}.npz"
+                meta = client.request("predict", {"input": str(probe_in), "output": str(out),
+                                                  "batch_size": options.batch_size, "format": "npz"})
+                with np.load(out, allow_pickle=False) as npz:
+                    outs.append({m["name"]: npz[m["name"]] for m in meta["outputs"]})
+            facts = client.request("facts")
+        finally:
+            if mem is None:
+                client.close()
+        repeatable = all(np.array_equal(outs[0][k], outs[1][k], equal_nan=True) for k in outs[0])
+        stage("locking packages")
+        tl = time.perf_counter()
+        lookups = lookups_f.result()
+        seconds["index_wait"] = time.perf_counter() - tl
+        gpus = gpu_f.result()
+
+    packages = build_lock(dists, lookups)
+    return _write(path, info, settings, options, host, gpus, dists, packages, loaded, specs,
+                  fingerprint, mismatched, probe_in, outs[0], probe_source, repeatable, facts,
+                  code_dir, mem, seconds, t0)
+
+
+def _vendor_code(custom: list[dict[str, Any]], code_dir: Path, mem: _InMemory | None,
+                 files: dict[str, bytes | Path], warnings: list[str]) -> None:
+    main_names = set(mem.main_objects) if mem is not None else set()
+    for c in custom:
+        c["vendored"] = None
+        if c["module"] in ("__main__", MAIN_MODULE) or c["qualname"] in main_names:
+            c["defined_in_main"] = True
+            c["vendored"] = f"code/{MAIN_MODULE}.py"
+            files[c["vendored"]] = code_dir / f"{MAIN_MODULE}.py"
+            warnings.append(f"{c['qualname']} is defined in the __main__ script; its source was "
+                            "captured, but it should live in a module")
+            continue
+        c["defined_in_main"] = False
+        if not c.get("importable"):
+            warnings.append(f"custom object {c['module']}.{c['qualname']} could not be imported at save")
+            continue
+        if c.get("in_site_packages") or not c.get("file") or not c.get("root"):
+            continue
+        src, root = Path(c["file"]), Path(c["root"])
+        rel = src.relative_to(root)
+        files[f"code/{rel.as_posix()}"] = src
+        c["vendored"] = f"code/{rel.as_posix()}"
+        parent = src.parent
+        while parent != root and root in parent.parents:
+            init = parent / "__init__.py"
+            if init.is_file():
+                files[f"code/{init.relative_to(root).as_posix()}"] = init
+            parent = parent.parent
+    for c in custom:  # machine-specific paths say nothing on another machine
+        c["source_file"] = c.pop("file", None)
+        c.pop("root", None)
+
+
+def _npz_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def _write(path: Path, info: ModelInfo, settings: Settings, options: SaveOptions, host: dict[str, Any],
+           gpus: dict[str, Any], dists: list[dict[str, Any]], packages: list[Any], loaded: dict[str, Any],
+           specs: list[dict[str, Any]], fingerprint: dict[str, Any], mismatched: list[str], probe_in: Path,
+           outputs: dict[str, np.ndarray], probe_source: str, repeatable: bool, facts: dict[str, Any],
+           code_dir: Path, mem: _InMemory | None, seconds: dict[str, float], t0: float) -> SaveResult:
+    warnings: list[str] = []
+    files: dict[str, bytes | Path] = {}
+    custom = [dict(c) for c in loaded["custom_objects"]]
+    _vendor_code(custom, code_dir, mem, files, warnings)
+
+    with np.load(probe_in, allow_pickle=False) as npz:
+        inputs = {k: npz[k] for k in npz.files}
+    probe_arrays = {f"input__{k}": v for k, v in inputs.items()}
+    probe_arrays.update({f"output__{k}": v for k, v in outputs.items()})
+    files["probe.npz"] = _npz_bytes(probe_arrays)
+
+    python = host["python"]
+    missing = tuple(p.name for p in packages if p.kind == "index" and not p.files)
+    risks = tuple({"name": p.name, "version": p.version, "kind": p.kind,
+                   "url": (p.direct_url or {}).get("url")} for p in packages if p.kind != "index")
+    if missing:
+        warnings.append(f"no sha256 from the index for {len(missing)} package(s): {', '.join(missing[:8])}"
+                        + (" …" if len(missing) > 8 else "") + " (offline, or not on the index)")
+    for r in risks:
+        warnings.append(f"{r['name']} is an {r['kind']} install: not locked, a reproducibility risk")
+    if not repeatable:
+        warnings.append("two runs of the probe in one process gave different bits: the model is "
+                        "nondeterministic here")
+    if mismatched:
+        warnings.append(f"weights_not_restored in layer(s) {', '.join(mismatched)} (saved anyway: "
+                        "--allow-mismatch)")
+    if os.environ.get("PYTHONPATH"):
+        warnings.append("PYTHONPATH is set: modules found through it are not locked")
+
+    command = options.command or "envlock save " + shlex.quote(path.name)
+    files["requirements.lock.txt"] = render_requirements(
+        packages, python_version=python["version"], command=command,
+        index_urls=settings.index_urls).encode()
+    files["pylock.toml"] = render_pylock(packages, python_version=python["version"],
+                                         created_by="envlock").encode()
+    framework = facts["framework"]
+    determinism = facts["determinism"]
+    tf_build = framework.get("tf_build") or {}
+    model_json = info.to_json()
+    model_json["inputs"] = specs
+    model_json["outputs"] = [{"name": k, "shape": list(v.shape[1:]), "dtype": str(v.dtype)}
+                             for k, v in outputs.items()]
+    created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    manifest: dict[str, Any] = {
+        "envlock_version": envlock.__version__,
+        "created": created,
+        "command": command,
+        "model": model_json,
+        "python": python,
+        "platform": host["platform"],
+        "gpu": gpus,
+        "cuda": {
+            "is_cuda_build": tf_build.get("is_cuda_build"),
+            "cuda_version": tf_build.get("cuda_version"),
+            "cudnn_version": tf_build.get("cudnn_version"),
+            "tf_build": tf_build,
+            **cuda_env_facts(os.environ, dists),
+        },
+        "framework": {k: v for k, v in framework.items() if k != "tf_build"},
+        "determinism": determinism,
+        "packages": {
+            "count": len(packages),
+            "hashed": sum(1 for p in packages if p.files),
+            "complete": not missing and not risks,
+            "missing_hashes": list(missing),
+            "risks": list(risks),
+            "index_urls": [u for u in settings.index_urls],
+        },
+        "custom_objects": custom,
+        "weights": {**fingerprint, "restored": not mismatched, "mismatched_layers": mismatched},
+        "probe": {
+            "file": "probe.npz",
+            "source": probe_source,
+            "seed": options.seed if probe_source == "generated" else None,
+            "batch_size": options.batch_size,
+            "inputs": [{"name": k, "shape": list(v.shape), "dtype": str(v.dtype)} for k, v in inputs.items()],
+            "outputs": [{"name": k, "shape": list(v.shape), "dtype": str(v.dtype)} for k, v in outputs.items()],
+            "repeat_bitwise_equal": repeatable,
+            "tolerance": {"atol": options.atol, "rtol": options.rtol},
+        },
+        "static_findings": loaded.get("static_findings", []),
+        "warnings": warnings,
+    }
+    files["REPRODUCE.md"] = _reproduce(path, manifest).encode()
+    sc = write_sidecar(path, manifest, files)
+    trust(settings, sc, reason="saved on this machine")
+    seconds["total"] = time.perf_counter() - t0
+    return SaveResult(
+        model=path, sidecar=sc.path, packages=len(packages), hashed=manifest["packages"]["hashed"],
+        missing_hashes=missing, risks=risks, custom_objects=tuple(custom),
+        weights_overall=fingerprint["overall"], weights_restored=not mismatched,
+        mismatched_layers=tuple(mismatched), probe_inputs=tuple(manifest["probe"]["inputs"]),
+        probe_repeatable=repeatable, warnings=tuple(warnings), seconds=seconds,
+    )
+
+
+def _reproduce(path: Path, manifest: dict[str, Any]) -> str:
+    python = dict(manifest["python"])
+    python["minor"] = ".".join(str(python["version"]).split(".")[:2])
+    model = dict(manifest["model"])
+    model["stem"] = Path(model["file"]).stem.replace(".", "-") or "model"
+    env = manifest["determinism"].get("env") or {}
+    exports = [(k, shlex.quote(str(env[k]))) for k in ENV_VARS if env.get(k) is not None]
+    libc = manifest["platform"].get("libc")
+    platform = dict(manifest["platform"])
+    platform["libc"] = " ".join(str(x) for x in libc.values() if x) if isinstance(libc, dict) else libc
+    return templating.render(
+        "REPRODUCE.md.j2",
+        envlock_version=manifest["envlock_version"], created=manifest["created"],
+        command=manifest["command"], model=model, python=python, platform=platform,
+        framework=manifest["framework"], cuda=manifest["cuda"], gpus=manifest["gpu"].get("gpus") or [],
+        packages=manifest["packages"], determinism=manifest["determinism"],
+        custom_objects=manifest["custom_objects"], probe=manifest["probe"],
+        sidecar_name=sidecar_path(path).name, env_exports=exports, conda=False,
+    )

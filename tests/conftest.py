@@ -1,0 +1,85 @@
+"""Shared fixtures: one envlock home per session (the index cache warms once), the test
+project (a real model with custom objects, trained in a subprocess), helpers to run the CLI."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+PROJECTS = HERE / "projects"
+
+
+def _has_tf() -> bool:
+    from importlib.util import find_spec
+
+    return find_spec("tensorflow") is not None and find_spec("keras") is not None
+
+
+requires_tf = pytest.mark.skipif(not _has_tf(), reason="TensorFlow is not installed here")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def envlock_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """One ENVLOCK_HOME for the session; uv's own cache is left shared, on purpose."""
+    home = tmp_path_factory.mktemp("envlock-home")
+    old = os.environ.get("ENVLOCK_HOME")
+    os.environ["ENVLOCK_HOME"] = str(home)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    yield home
+    if old is None:
+        os.environ.pop("ENVLOCK_HOME", None)
+    else:
+        os.environ["ENVLOCK_HOME"] = old
+
+
+@dataclass
+class CliResult:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None,
+            timeout: float = 600) -> CliResult:
+    """The real console entry point in a subprocess, as a user runs it."""
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    proc = subprocess.run([sys.executable, "-m", "envlock", *args], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+    return CliResult(proc.returncode, proc.stdout, proc.stderr)
+
+
+def run_python(script: str, *args: str, cwd: Path, env: dict[str, str] | None = None) -> None:
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    subprocess.run([sys.executable, script, *args], cwd=cwd, env=full_env, check=True,
+                   capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="session")
+def tiny_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of tests/projects/tiny with model.keras trained in it (custom layer in a module)."""
+    if not _has_tf():
+        pytest.skip("TensorFlow is not installed here")
+    root = tmp_path_factory.mktemp("tiny")
+    for f in (PROJECTS / "tiny").iterdir():
+        if f.is_file():
+            shutil.copy(f, root / f.name)
+    run_python("train.py", "model.keras", cwd=root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def saved_tiny(tiny_project: Path) -> Path:
+    """tiny_project's model.keras with its sidecar written by the real CLI."""
+    res = run_cli("save", "model.keras", cwd=tiny_project)
+    assert res.returncode == 0, res.stderr
+    return tiny_project / "model.keras"
