@@ -37,11 +37,13 @@ def find_pip(python: Path) -> tuple[int, ...]:
     return tuple(int(p) for p in m.group(1).split("."))
 
 
-def venv(python: Path, path: Path, *, with_pip: bool = False) -> None:
+def venv(python: Path, path: Path, *, with_pip: bool = False, prompt: str | None = None) -> None:
     """``python -m venv`` at ``path``; without pip unless asked (the lock decides what is in it)."""
     argv: list[str | os.PathLike[str]] = [python, "-I", "-m", "venv"]
     if not with_pip:
         argv.append("--without-pip")
+    if prompt:
+        argv += ["--prompt", prompt]
     argv.append(path)
     proc.run(argv, cwd=path.parent, what=f"could not create a virtual environment at {path}")
 

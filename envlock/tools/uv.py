@@ -110,7 +110,8 @@ def version_tuple(text: str) -> tuple[int, ...]:
     return tuple(int(p) for p in re.findall(r"\d+", text)[:3])
 
 
-def venv(uv: Path, path: Path, python: Path, *, relocatable: bool = True) -> None:
+def venv(uv: Path, path: Path, python: Path, *, relocatable: bool = True,
+         prompt: str | None = None) -> None:
     """Create a bare virtual environment (no pip, no setuptools) at ``path`` for ``python``.
 
     ``relocatable`` makes the activation scripts and the console scripts uv installs later
@@ -124,6 +125,8 @@ def venv(uv: Path, path: Path, python: Path, *, relocatable: bool = True) -> Non
     ]
     if relocatable:
         argv.append("--relocatable")
+    if prompt:
+        argv += ["--prompt", prompt]
     argv.append(path)
     proc.run(argv, env=uv_env(), cwd=path.parent, what=f"uv could not create a virtual environment at {path}")
 
