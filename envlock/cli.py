@@ -62,7 +62,61 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model")
     _common(p)
     p.set_defaults(func=cmd_show)
+
+    p = sub.add_parser("run", help="validate on this machine, then predict inside the locked environment")
+    p.add_argument("model")
+    p.add_argument("--input", "-i", type=Path, required=True, help=".npy (one input) or .npz (by input name)")
+    p.add_argument("--output", "-o", type=Path,
+                   help="default: INPUT.predictions.npy (.npz for several outputs)")
+    p.add_argument("--batch-size", type=int, default=32, help="Keras' default, for the same bits")
+    _session_args(p)
+    p.add_argument("--no-validate", action="store_true", help="predict even if the probe does not match")
+    _common(p)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("env", help="build (or find) the locked environment and print its path")
+    p.add_argument("model")
+    p.add_argument("--strategy", default="venv", choices=["auto", "current", "venv", "conda"])
+    p.add_argument("--allow-python-download", action="store_true")
+    p.add_argument("--find-links", action="append", default=[], metavar="DIR")
+    _common(p)
+    p.set_defaults(func=cmd_env)
+
+    p = sub.add_parser("cache", help="the environment cache")
+    csub = p.add_subparsers(dest="cache_command", required=True, parser_class=_Parser)
+    q = csub.add_parser("list", help="cached environments")
+    _common(q)
+    q.set_defaults(func=cmd_cache_list)
+    q = csub.add_parser("gc", help="remove environments by age of last use and by total size")
+    q.add_argument("--older-than", type=float, metavar="DAYS", help="remove those unused for DAYS")
+    q.add_argument("--max-size", type=float, metavar="GB", help="then remove the oldest until under GB")
+    _common(q)
+    q.set_defaults(func=cmd_cache_gc)
     return parser
+
+
+def _session_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--strategy", default="auto", choices=["auto", "current", "venv", "conda"],
+                   help="auto: this interpreter if it matches the lock exactly, else the cached venv")
+    p.add_argument("--no-recorded-env", action="store_true",
+                   help="use this shell's TF_* / PYTHONHASHSEED values instead of the recorded ones")
+    p.add_argument("--trust-code", action="store_true", help="trust the sidecar's code/ (remembered)")
+    p.add_argument("--unsafe", action="store_true", help="load with Keras safe_mode off (lambdas)")
+    p.add_argument("--timeout", type=float, help="seconds the worker may take for one step")
+    p.add_argument("--allow-python-download", action="store_true",
+                   help="let uv download the recorded Python if none is installed")
+    p.add_argument("--find-links", action="append", default=[], metavar="DIR",
+                   help="extra folder of wheels (e.g. for packages gone from the index)")
+
+
+def _session_kwargs(args: argparse.Namespace, out: Out) -> dict[str, Any]:
+    return {
+        "strategy": args.strategy, "use_recorded_env": not args.no_recorded_env,
+        "trust_code": args.trust_code, "unsafe": args.unsafe, "timeout": args.timeout,
+        "allow_python_download": args.allow_python_download,
+        "find_links": tuple(str(Path(f).resolve()) for f in args.find_links),
+        "on_stage": out.stage, "on_build_event": out.build_event,
+    }
 
 
 # -- rendering ---------------------------------------------------------------------------
@@ -83,6 +137,17 @@ class Out:
     def stage(self, text: str) -> None:
         if not self.quiet:
             self.err.print(f"[dim]… {text}[/dim]")
+
+    def build_event(self, event: Any) -> None:
+        if self.quiet or event.stage == "output":
+            return
+        self.err.print(f"[dim]… {event.message}[/dim]")
+
+    def progress(self, total_hint: str) -> Any:
+        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+        return Progress(TextColumn(total_hint), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                        TimeRemainingColumn(), console=self.err, disable=self.quiet, transient=True)
 
     def emit_json(self, doc: dict[str, Any]) -> None:
         sys.stdout.write(json.dumps(doc, indent=2, sort_keys=True, default=str) + "\n")
@@ -163,6 +228,88 @@ def cmd_show(args: argparse.Namespace, out: Out) -> int:
     out.print(t)
     for warning in m.get("warnings", []):
         out.print(f"[yellow]warning:[/] {warning}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace, out: Out) -> int:
+    from envlock.running import run
+
+    bar = out.progress("predicting")
+    task = None
+
+    def on_progress(done: int, total: int) -> None:
+        nonlocal task
+        if task is None:
+            task = bar.add_task("predict", total=total)
+        bar.update(task, completed=done)
+
+    with bar:
+        result = run(args.model, args.input, output=args.output, batch_size=args.batch_size,
+                     validate=not args.no_validate, on_progress=on_progress, **_session_kwargs(args, out))
+    if out.json:
+        out.emit_json(result.to_json())
+        return 0
+    v = result.validation
+    if v is not None:
+        out.print(f"[green]probe {v.status.replace('_', ' ')}[/] on this machine")
+    where = f"{result.strategy}" + (f" {result.env_path}" if result.env_path else f" {result.python}")
+    out.print(f"[bold green]wrote[/] {result.output} ({result.rows} rows) using {where}")
+    return 0
+
+
+def cmd_env(args: argparse.Namespace, out: Out) -> int:
+    from envlock.running import resolve_environment
+    from envlock.settings import Settings
+    from envlock.sidecar import read_sidecar
+
+    sc = read_sidecar(args.model)
+    resolved = resolve_environment(sc, settings=Settings.from_env(), strategy=args.strategy,
+                                   allow_python_download=args.allow_python_download,
+                                   find_links=tuple(args.find_links), on_event=out.build_event)
+    if out.json:
+        out.emit_json({"schema": "envlock.env/1", "strategy": resolved.strategy,
+                       "path": str(resolved.env_path) if resolved.env_path else None,
+                       "python": str(resolved.python), "built": resolved.built})
+        return 0
+    sys.stdout.write(f"{resolved.env_path or Path(resolved.python).parent.parent}\n")
+    return 0
+
+
+def cmd_cache_list(args: argparse.Namespace, out: Out) -> int:
+    from envlock.envcache import EnvCache
+    from envlock.settings import Settings
+
+    infos = EnvCache(Settings.from_env()).list()
+    if out.json:
+        out.emit_json({"schema": "envlock.cache.list/1", "environments": [
+            {"key": i.key, "path": str(i.path), "python": i.python_version, "installer": i.installer,
+             "created": i.created.isoformat(), "last_used": i.last_used.isoformat(), "size": i.size}
+            for i in infos]})
+        return 0
+    t = Table("key", "python", "installer", "last used", "size")
+    for i in infos:
+        t.add_row(i.key[:16], i.python_version, i.installer, i.last_used.strftime("%Y-%m-%d %H:%M"),
+                  f"{i.size / 1e6:.0f} MB")
+    out.print(t if infos else "no cached environments")
+    return 0
+
+
+def cmd_cache_gc(args: argparse.Namespace, out: Out) -> int:
+    from datetime import timedelta
+
+    from envlock.envcache import EnvCache
+    from envlock.settings import Settings
+
+    removed = EnvCache(Settings.from_env()).gc(
+        older_than=timedelta(days=args.older_than) if args.older_than is not None else None,
+        max_total_bytes=int(args.max_size * 1e9) if args.max_size is not None else None)
+    if out.json:
+        out.emit_json({"schema": "envlock.cache.gc/1", "removed": [
+            {"key": r.key, "path": str(r.path), "reason": r.reason, "size": r.size} for r in removed]})
+        return 0
+    for r in removed:
+        out.print(f"removed {r.key[:16]} ({r.reason}, {r.size / 1e6:.0f} MB)")
+    out.print(f"{len(removed)} removed")
     return 0
 
 

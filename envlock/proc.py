@@ -8,6 +8,7 @@ Output is read on threads so that a chatty child cannot deadlock on a full pipe.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -177,7 +178,5 @@ def kill_tree(proc: subprocess.Popen) -> None:  # type: ignore[type-arg]
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError, AttributeError):
         proc.kill()
-    try:
+    with contextlib.suppress(subprocess.TimeoutExpired):  # a zombie we cannot reap
         proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:  # pragma: no cover - a zombie we cannot reap
-        pass

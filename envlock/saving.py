@@ -51,6 +51,7 @@ Stage = Callable[[str], None]
 @dataclass(frozen=True)
 class SaveOptions:
     probe: Path | None = None
+    probe_label: str | None = None  # how to name the probe's source when it is a temp file
     custom_object_modules: tuple[str, ...] = ()
     allow_mismatch: bool = False
     atol: float = DEFAULT_ATOL
@@ -169,13 +170,15 @@ def save(model: Any, path: str | os.PathLike[str], *, probe: Any = None, setting
                 mem.main_source = _main_module_source(mains)
                 mem.main_objects = {c.__name__: c.__qualname__ for c in mains}
             probe_path = None
+            label = None
             if probe is not None and not isinstance(probe, (str, os.PathLike)):
+                label = "arrays passed to envlock.save"
                 probe_path = workdir / "user-probe.npz"
                 arrays = probe if isinstance(probe, Mapping) else {"__single__": probe}
                 np.savez(probe_path, **{k: np.asarray(v) for k, v in arrays.items()})
             elif probe is not None:
                 probe_path = Path(probe)
-            options = SaveOptions(probe=probe_path, custom_object_modules=tuple(custom_objects),
+            options = SaveOptions(probe=probe_path, probe_label=label, custom_object_modules=tuple(custom_objects),
                                   allow_mismatch=allow_mismatch, atol=atol, rtol=rtol,
                                   command=f"envlock.save(model, {os.fspath(path)!r})")
             return _lock(path, settings or Settings.from_env(), options, workdir, mem, on_stage)
@@ -229,7 +232,8 @@ def _lock(path: Path, settings: Settings, options: SaveOptions, workdir: Path, m
                 custom_map = {name: (MAIN_MODULE, q) for name, q in mem.main_objects.items()}
             stage("loading the model back in a fresh process")
             loaded = client.request("load", {"path": str(path.resolve()), "safe_mode": True,
-                                             "custom_objects": custom_map})
+                                             "custom_objects": custom_map,
+                                             "import_config_modules": True})
             specs = loaded["inputs"]
             fingerprint = client.request("fingerprint")
             if mem is not None:
@@ -245,7 +249,7 @@ def _lock(path: Path, settings: Settings, options: SaveOptions, workdir: Path, m
             if options.probe is not None:
                 arrays = _read_probe_file(options.probe, specs)
                 np.savez(probe_in, **arrays)
-                probe_source = str(options.probe)
+                probe_source = options.probe_label or str(options.probe)
             else:
                 client.request("make_probe", {"path": str(probe_in), "seed": options.seed,
                                               "rows": options.probe_rows})
@@ -305,6 +309,10 @@ def _vendor_code(custom: list[dict[str, Any]], code_dir: Path, mem: _InMemory | 
     for c in custom:  # machine-specific paths say nothing on another machine
         c["source_file"] = c.pop("file", None)
         c.pop("root", None)
+
+
+def _array_specs(arrays: Mapping[str, np.ndarray]) -> list[dict[str, Any]]:
+    return [{"name": k, "shape": list(v.shape), "dtype": str(v.dtype)} for k, v in arrays.items()]
 
 
 def _npz_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
@@ -393,8 +401,8 @@ def _write(path: Path, info: ModelInfo, settings: Settings, options: SaveOptions
             "source": probe_source,
             "seed": options.seed if probe_source == "generated" else None,
             "batch_size": options.batch_size,
-            "inputs": [{"name": k, "shape": list(v.shape), "dtype": str(v.dtype)} for k, v in inputs.items()],
-            "outputs": [{"name": k, "shape": list(v.shape), "dtype": str(v.dtype)} for k, v in outputs.items()],
+            "inputs": _array_specs(inputs),
+            "outputs": _array_specs(outputs),
             "repeat_bitwise_equal": repeatable,
             "tolerance": {"atol": options.atol, "rtol": options.rtol},
         },

@@ -42,7 +42,7 @@ def _load_npy(path: str):  # type: ignore[no-untyped-def]
     try:
         return np.load(path, mmap_mode="r", allow_pickle=False)
     except ValueError as exc:
-        raise WorkerFailure("%s: %s" % (path, exc), kind="input")
+        raise WorkerFailure("%s: %s" % (path, exc), kind="input") from None
 
 
 def read_inputs(path: str, specs):  # type: ignore[no-untyped-def]
@@ -52,7 +52,8 @@ def read_inputs(path: str, specs):  # type: ignore[no-untyped-def]
         try:
             npz = np.load(path, allow_pickle=False)
         except (ValueError, OSError, zipfile.BadZipFile) as exc:
-            raise WorkerFailure("%s: not a readable .npz file (%s)" % (path, exc), kind="input")
+            raise WorkerFailure("%s: not a readable .npz file (%s)" % (path, exc),
+                                kind="input") from None
         keys = list(npz.files)
         if len(names) == 1 and len(keys) == 1:
             return [npz[keys[0]]]
@@ -68,28 +69,37 @@ def read_inputs(path: str, specs):  # type: ignore[no-untyped-def]
 
 
 def check_inputs(arrays, specs) -> None:  # type: ignore[no-untyped-def]
+    check_shapes([(tuple(a.shape), a.dtype) for a in arrays], specs)
+
+
+def check_shapes(shapes, specs) -> None:  # type: ignore[no-untyped-def]
+    """Refuse inputs that do not fit the model. ``shapes``: [(shape, dtype)] in input order.
+
+    Shared with the host, which checks .npy headers before it starts a worker.
+    """
     n = None
-    for arr, spec in zip(arrays, specs):
-        if arr.dtype.hasobject:
-            raise WorkerFailure("input %s holds Python objects; only numeric arrays are accepted"
-                                % spec["name"], kind="input")
+    for (shape, dtype), spec in zip(shapes, specs):
+        dtype = np.dtype(dtype)
+        if dtype.hasobject:
+            raise WorkerFailure("input %s holds Python objects (a pickled array); only numeric "
+                                "arrays are accepted" % spec["name"], kind="input")
         want = spec["shape"]
-        if len(arr.shape) != len(want) or any(
-                w is not None and w != g for w, g in zip(want[1:], arr.shape[1:])):
+        if len(shape) != len(want) or any(
+                w is not None and w != g for w, g in zip(want[1:], shape[1:])):
             raise WorkerFailure("input %s has shape %s; the model expects %s" % (
-                spec["name"], tuple(arr.shape), tuple("None" if d is None else d for d in want)),
+                spec["name"], tuple(shape), tuple("None" if d is None else d for d in want)),
                 kind="input")
         target = np.dtype(spec["dtype"]) if spec["dtype"] not in ("string", "str") else None
-        if target is not None and not np.can_cast(arr.dtype, target, casting="same_kind"):
+        if target is not None and not np.can_cast(dtype, target, casting="same_kind"):
             raise WorkerFailure("input %s has dtype %s, which cannot be cast safely to %s" % (
-                spec["name"], arr.dtype, target), kind="input")
-        if len(arr.shape) == 0 or arr.shape[0] == 0:
+                spec["name"], dtype, target), kind="input")
+        if len(shape) == 0 or shape[0] == 0:
             raise WorkerFailure("input %s has no rows" % spec["name"], kind="input")
         if n is None:
-            n = arr.shape[0]
-        elif arr.shape[0] != n:
+            n = shape[0]
+        elif shape[0] != n:
             raise WorkerFailure("inputs have different numbers of rows (%d and %d)"
-                                % (n, arr.shape[0]), kind="input")
+                                % (n, shape[0]), kind="input")
 
 
 def _normalise_outputs(model, result) -> list:  # type: ignore[no-untyped-def,type-arg]
@@ -132,9 +142,9 @@ def predict_to_files(model, arrays, batch_size: int, out_dir: str, progress=None
             outs = []
             for i, (name, arr) in enumerate(named):
                 p = os.path.join(out_dir, "%d.npy" % i)
-                mm = np.lib.format.open_memmap(p, mode="w+", dtype=arr.dtype, shape=(n,) + arr.shape[1:])
+                mm = np.lib.format.open_memmap(p, mode="w+", dtype=arr.dtype, shape=(n, *arr.shape[1:]))
                 outs.append(mm)
-                meta.append({"name": name, "file": p, "shape": [n] + list(arr.shape[1:]),
+                meta.append({"name": name, "file": p, "shape": [n, *list(arr.shape[1:])],
                              "dtype": str(arr.dtype)})
         for mm, (_, arr) in zip(outs, named):
             mm[start:stop] = arr

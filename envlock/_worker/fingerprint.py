@@ -64,13 +64,23 @@ def compare_with_stored(stored: list, actual: dict) -> list:  # type: ignore[typ
     ``stored`` is [{"layer", "sha256"}...] read from the file itself. Matched as a multiset,
     because the file's layout (h5 groups, checkpoint keys) does not map 1:1 to variable paths.
     """
-    loaded: dict = {}
-    for v in actual.get("variables", []):
-        loaded[v["sha256"]] = loaded.get(v["sha256"], 0) + 1
-    bad = []
+    stored_left: dict = {}
     for s in stored:
-        if loaded.get(s["sha256"], 0) > 0:
-            loaded[s["sha256"]] -= 1
-        elif s["layer"] not in bad:
-            bad.append(s["layer"])
+        stored_left[s["sha256"]] = stored_left.get(s["sha256"], 0) + 1
+    unmatched_loaded = []
+    for v in actual.get("variables", []):
+        if stored_left.get(v["sha256"], 0) > 0:
+            stored_left[v["sha256"]] -= 1
+        else:
+            unmatched_loaded.append(layer_of(v["path"]))
+    # Name the layers as the user named them (the loaded variables' paths); the file's own
+    # group names ("dense_1") only when every loaded variable found its array.
+    bad = []
+    for name in unmatched_loaded:
+        if name not in bad:
+            bad.append(name)
+    if not bad:
+        for s in stored:
+            if stored_left.get(s["sha256"], 0) > 0 and s["layer"] not in bad:
+                bad.append(s["layer"])
     return bad

@@ -6,6 +6,7 @@ the environment variable says what was asked for, the framework says what happen
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
@@ -100,10 +101,8 @@ def framework_facts() -> dict:  # type: ignore[type-arg]
         try:
             for dev in tf.config.list_physical_devices("GPU"):
                 details = {}
-                try:
+                with contextlib.suppress(Exception):
                     details = dict(tf.config.experimental.get_device_details(dev))
-                except Exception:
-                    pass
                 cc = details.get("compute_capability")
                 facts["gpus_visible"].append({
                     "name": dev.name,
@@ -176,7 +175,8 @@ def determinism_facts() -> dict:  # type: ignore[type-arg]
         pass
     try:
         cfg = getattr(keras, "config", None)
-        facts["floatx"] = cfg.floatx() if cfg is not None and hasattr(cfg, "floatx") else keras.backend.floatx()
+        has = cfg is not None and hasattr(cfg, "floatx")
+        facts["floatx"] = cfg.floatx() if has else keras.backend.floatx()
     except Exception:
         pass
     return facts

@@ -56,6 +56,11 @@ class Worker:
             custom[name] = getattr(importlib.import_module(module), attr)
         t0 = time.time()
         self.path = args["path"]
+        if args.get("import_config_modules"):
+            # Keras resolves custom objects by registered name; registration happens when their
+            # module is imported. At save the file is the user's own, so import what it names.
+            from .model import config_modules, load_extra_modules
+            load_extra_modules(config_modules(read_file_config(self.path)), [], strict=False)
         self.model = load_model(self.path, safe_mode=args.get("safe_mode", True),
                                 custom_objects=custom or None)
         self.config = read_file_config(self.path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import inspect
@@ -66,14 +67,22 @@ def load_model(path: str, safe_mode: bool = True, custom_objects=None):  # type:
         if any(s in low for s in ("unknown layer", "could not locate", "unknown object",
                                    "custom_objects", "no module named")):
             cause = "custom_object_missing"
-        raise WorkerFailure("could not load %s: %s" % (os.path.basename(path), msg), cause=cause)
+        raise WorkerFailure("could not load %s: %s" % (os.path.basename(path), msg),
+                            cause=cause) from None
 
 
 def _walk_config(node, found):  # type: ignore[no-untyped-def]
     if isinstance(node, dict):
         module = node.get("module")
         cls = node.get("class_name")
-        if isinstance(cls, str) and isinstance(module, str) and not is_builtin(module) \
+        cfg = node.get("config")
+        if cls == "function" and isinstance(cfg, str) and ">" in cfg:
+            # Keras 3 writes a registered function as module "builtins" with its registered
+            # name ("package>name") as the config: it is the user's code all the same.
+            key = ("<registered>", cfg)
+            if found.get(key) is None:
+                found[key] = cfg
+        elif isinstance(cls, str) and isinstance(module, str) and not is_builtin(module) \
                 and not cls.startswith("__"):
             name = node.get("config") if cls == "function" else cls
             key = (module, name if isinstance(name, str) else cls)
@@ -102,7 +111,8 @@ def read_file_config(path: str):  # type: ignore[no-untyped-def]
                 return json.loads(raw.decode() if isinstance(raw, bytes) else raw)
         meta = os.path.join(path, "keras_metadata.pb")
         if os.path.exists(meta):
-            data = open(meta, "rb").read()
+            with open(meta, "rb") as fh:
+                data = fh.read()
             start = data.find(b'{"class_name"')
             if start >= 0:
                 dec = json.JSONDecoder()
@@ -116,13 +126,11 @@ def read_file_config(path: str):  # type: ignore[no-untyped-def]
 def _site_dirs():  # type: ignore[no-untyped-def]
     dirs = set()
     for key in ("purelib", "platlib", "stdlib", "platstdlib"):
-        try:
+        with contextlib.suppress(Exception):
             dirs.add(os.path.realpath(sysconfig.get_paths()[key]))
-        except Exception:
-            pass
     try:
         import site
-        for d in site.getsitepackages() + [site.getusersitepackages()]:
+        for d in [*site.getsitepackages(), site.getusersitepackages()]:
             dirs.add(os.path.realpath(d))
     except Exception:
         pass
@@ -140,8 +148,23 @@ def _sys_path_root(file_path: str, module: str):  # type: ignore[no-untyped-def]
     return root
 
 
+def _registered(name):  # type: ignore[no-untyped-def]
+    keras = import_keras()
+    saving = getattr(keras, "saving", None)
+    getter = getattr(saving, "get_registered_object", None) or getattr(
+        getattr(keras, "utils", None), "get_registered_object", None)
+    try:
+        return getter(name) if getter is not None else None
+    except Exception:
+        return None
+
+
 def describe_object(module: str, name: str, registered, model_classes):  # type: ignore[no-untyped-def]
     obj = model_classes.get((module, name))
+    if module == "<registered>":
+        obj = _registered(name)
+        module = getattr(obj, "__module__", None) or "<unknown>"
+        name = getattr(obj, "__qualname__", name)
     if obj is None:
         mod = sys.modules.get(module)
         if mod is None:
@@ -177,7 +200,8 @@ def describe_object(module: str, name: str, registered, model_classes):  # type:
     if f and os.path.exists(f):
         real = os.path.realpath(f)
         entry["file"] = real
-        entry["file_sha256"] = hashlib.sha256(open(real, "rb").read()).hexdigest()
+        with open(real, "rb") as fh:
+            entry["file_sha256"] = hashlib.sha256(fh.read()).hexdigest()
         entry["in_site_packages"] = any(real.startswith(d + os.sep) for d in _site_dirs())
         if module != "__main__":
             entry["root"] = _sys_path_root(real, module)
@@ -211,8 +235,14 @@ def custom_objects(model, config) -> list:  # type: ignore[no-untyped-def,type-a
     if config is not None:
         _walk_config(config, found)
     out = []
+    seen = set()
     for (module, name), registered in sorted(found.items(), key=lambda kv: (kv[0][0], str(kv[0][1]))):
-        out.append(describe_object(module, str(name), registered, model_classes))
+        entry = describe_object(module, str(name), registered, model_classes)
+        key = (entry["module"], entry["qualname"])
+        if key in seen:
+            continue
+        seen.add(key)
+        out.append(entry)
     return out
 
 
@@ -230,10 +260,8 @@ def static_findings(model) -> list:  # type: ignore[no-untyped-def,type-arg]
     for layer in _all_layers(model):
         if random_bases and isinstance(layer, tuple(random_bases)):
             cfg = {}
-            try:
+            with contextlib.suppress(Exception):
                 cfg = layer.get_config()
-            except Exception:
-                pass
             if cfg.get("training") is True or getattr(layer, "_envlock_force_training", False):
                 findings.append({"code": "random_layers_active", "layer": layer.name,
                                  "evidence": "%s is random at inference" % type(layer).__name__})
@@ -318,7 +346,7 @@ def stored_weights(path: str) -> list:  # type: ignore[type-arg]
     elif fmt == "h5":
         import h5py  # type: ignore
         with h5py.File(path, "r") as f:
-            group = f["model_weights"] if "model_weights" in f else f
+            group = f.get("model_weights", f)
             _h5_arrays(group, ("optimizer_weights",), out, 0)
     else:
         tf = import_tf()
@@ -340,7 +368,13 @@ def model_weights(model):  # type: ignore[no-untyped-def]
     return list(weights)
 
 
-def load_extra_modules(modules, sys_path) -> list:  # type: ignore[no-untyped-def,type-arg]
+def config_modules(config) -> list:  # type: ignore[no-untyped-def,type-arg]
+    found = {}
+    _walk_config(config, found)
+    return sorted({module for module, _ in found if module not in ("__main__", "<registered>")})
+
+
+def load_extra_modules(modules, sys_path, strict=True) -> list:  # type: ignore[no-untyped-def,type-arg]
     for p in reversed(sys_path or []):
         if p not in sys.path:
             sys.path.insert(0, p)
@@ -350,8 +384,10 @@ def load_extra_modules(modules, sys_path) -> list:  # type: ignore[no-untyped-de
             importlib.import_module(name)
             loaded.append(name)
         except Exception as exc:
+            if not strict:
+                continue
             raise WorkerFailure("could not import custom-object module %s: %s" % (name, exc),
-                                cause="custom_object_missing")
+                                cause="custom_object_missing") from None
     return loaded
 
 

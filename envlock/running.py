@@ -1,0 +1,381 @@
+"""`envlock run` / `envlock.load`: resolve the locked environment, start the worker in it,
+prove the probe on this hardware, then predict.
+
+One ``ModelSession`` serves the CLI (``run``, ``env``) and the Python API (``load``).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+
+from envlock import proc
+from envlock._worker.framework import ENV_VARS
+from envlock.arrayfiles import check_input_file
+from envlock.compare import IDENTICAL, MISMATCH, OutputComparison, compare_outputs, overall_status
+from envlock.envcache import EnvCache, EnvSpec, default_platform_tag, locked_pins, satisfies
+from envlock.errors import BadInputError, EnvironmentBuildError, InputArrayError, MismatchError
+from envlock.modelfile import inspect_model
+from envlock.saving import MAIN_MODULE
+from envlock.settings import Settings
+from envlock.sidecar import Sidecar, read_sidecar
+from envlock.trust import is_trusted, trust
+from envlock.worker import WorkerClient
+
+STRATEGIES = ("auto", "current", "venv", "conda")
+Stage = Callable[[str], None]
+Progress = Callable[[int, int], None]
+# Not part of what the model computes: the host's own tool, and its installers.
+_NOT_RUNTIME = frozenset({"envlock", "pip", "setuptools", "wheel", "uv"})
+
+
+@dataclass(frozen=True)
+class Resolved:
+    strategy: str
+    python: Path
+    env_path: Path | None
+    built: bool
+
+
+@dataclass(frozen=True)
+class Validation:
+    status: str
+    outputs: tuple[OutputComparison, ...]
+    seconds: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {"status": self.status, "outputs": [o.to_json() for o in self.outputs],
+                "seconds": self.seconds}
+
+
+@dataclass(frozen=True)
+class RunResult:
+    model: Path
+    output: Path
+    rows: int
+    outputs: tuple[dict[str, Any], ...]
+    strategy: str
+    python: Path
+    env_path: Path | None
+    built: bool
+    validation: Validation | None
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    schema = "envlock.run/1"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "schema": self.schema, "model": str(self.model), "output": str(self.output),
+            "rows": self.rows, "outputs": list(self.outputs), "strategy": self.strategy,
+            "python": str(self.python), "env_path": str(self.env_path) if self.env_path else None,
+            "built": self.built, "validation": self.validation.to_json() if self.validation else None,
+            "seconds": self.seconds,
+        }
+
+
+def python_version(sc: Sidecar) -> str:
+    return str(sc.manifest["python"]["version"])
+
+
+def current_satisfies(sc: Sidecar) -> bool:
+    """The interpreter we run in has exactly the locked set (and the locked Python)."""
+    import platform
+
+    if platform.python_version() != python_version(sc):
+        return False
+    pins = {k: v for k, v in locked_pins(sc.file("requirements.lock.txt").read_text()).items()
+            if k not in _NOT_RUNTIME}
+    return satisfies(Path(sys.executable), pins, ignore=_NOT_RUNTIME)
+
+
+def resolve_environment(sc: Sidecar, *, settings: Settings, strategy: str = "auto",
+                        allow_python_download: bool = False, find_links: tuple[str, ...] = (),
+                        on_event: Callable[[Any], None] | None = None) -> Resolved:
+    if strategy not in STRATEGIES:
+        raise BadInputError(f"unknown strategy {strategy!r} (choose from {', '.join(STRATEGIES)})")
+    if strategy == "conda":
+        raise EnvironmentBuildError("the conda strategy needs a conda-lock.yml in the sidecar; "
+                                    "this sidecar was captured outside conda")
+    if strategy == "current" or (strategy == "auto" and current_satisfies(sc)):
+        return Resolved("current", Path(sys.executable), None, False)
+    wheels = sc.file("wheels")
+    links = (*find_links, *( (str(wheels),) if wheels.is_dir() else ()))
+    spec = EnvSpec.from_lock(sc.file("requirements.lock.txt"), python_version(sc),
+                             platform_tag=default_platform_tag(), find_links=links,
+                             allow_python_download=allow_python_download)
+    env = EnvCache(settings).ensure(spec, progress=on_event)
+    return Resolved("venv", env.python, env.path, env.built)
+
+
+def recorded_environment(sc: Sidecar, *, use_recorded: bool) -> dict[str, str]:
+    """The worker's environment: clean, plus the determinism variables as they were at save.
+
+    A variable unset at save is unset here too, so the user's shell cannot change the numbers
+    behind envlock's back; ``--no-recorded-env`` passes the current values through instead.
+    """
+    env = proc.clean_env()
+    env["PYTHONUNBUFFERED"] = "1"
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+    if not use_recorded:
+        for k in ENV_VARS:
+            if k in os.environ:
+                env[k] = os.environ[k]
+        return env
+    recorded = (sc.get("determinism", "env") or {})
+    for k in ENV_VARS:
+        value = recorded.get(k)
+        if value is None:
+            env.pop(k, None)
+        else:
+            env[k] = str(value)
+    return env
+
+
+def recorded_settings(sc: Sidecar) -> dict[str, Any]:
+    d = sc.get("determinism") or {}
+    return {k: d.get(k) for k in ("op_determinism", "tf32", "intra_op_threads", "inter_op_threads",
+                                  "jit", "dtype_policy")}
+
+
+class ModelSession:
+    """A worker in the locked environment with the model loaded. Use as a context manager."""
+
+    def __init__(self, model: str | os.PathLike[str], *, settings: Settings | None = None,
+                 strategy: str = "auto", use_recorded_env: bool = True, trust_code: bool = False,
+                 unsafe: bool = False, timeout: float | None = None,
+                 allow_python_download: bool = False, find_links: tuple[str, ...] = (),
+                 on_stage: Stage | None = None, on_build_event: Callable[[Any], None] | None = None,
+                 ) -> None:
+        self.model = Path(model)
+        self.settings = settings or Settings.from_env()
+        self.strategy = strategy
+        self.use_recorded_env = use_recorded_env
+        self.trust_code = trust_code
+        self.unsafe = unsafe
+        self.timeout = timeout
+        self.allow_python_download = allow_python_download
+        self.find_links = find_links
+        self._stage = on_stage or (lambda s: None)
+        self._on_build_event = on_build_event
+        self.sidecar = read_sidecar(self.model)
+        self.resolved: Resolved | None = None
+        self.client: WorkerClient | None = None
+        self.seconds: dict[str, float] = {}
+        self._tmp = Path(tempfile.mkdtemp(prefix="envlock-run-"))
+        self.loaded: dict[str, Any] = {}
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def __enter__(self) -> ModelSession:
+        try:
+            return self.open()
+        except BaseException:
+            self.close()
+            raise
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.client is not None:
+            self.client.close()
+            self.client = None
+        shutil.rmtree(self._tmp, ignore_errors=True)
+
+    @property
+    def specs(self) -> list[dict[str, Any]]:
+        return list(self.sidecar.manifest["model"]["inputs"])
+
+    def check_model_file(self) -> None:
+        info = inspect_model(self.model)
+        if info.sha256 != self.sidecar.manifest["model"]["sha256"]:
+            raise MismatchError(
+                f"model_file_changed: {self.model} is not the file the sidecar was saved with "
+                "(its sha256 differs)", cause="model_file_changed",
+                hint="save it again with `envlock save`, or restore the original file")
+
+    def _code_path(self) -> list[str]:
+        code = self.sidecar.file("code")
+        if not code.is_dir():
+            return []
+        if not is_trusted(self.settings, self.sidecar):
+            if not self.trust_code:
+                raise BadInputError(
+                    f"{self.sidecar.path}/code holds custom-object code from a sidecar not saved on "
+                    "this machine; it runs when the model loads",
+                    hint="read it, then pass --trust-code once to trust this sidecar")
+            trust(self.settings, self.sidecar, reason="--trust-code")
+        return [str(code)]
+
+    def open(self) -> ModelSession:
+        t = time.perf_counter()
+        self.check_model_file()
+        code_path = self._code_path()
+        self._stage("resolving the locked environment")
+        self.resolved = resolve_environment(
+            self.sidecar, settings=self.settings, strategy=self.strategy,
+            allow_python_download=self.allow_python_download, find_links=self.find_links,
+            on_event=self._on_build_event)
+        self.seconds["environment"] = time.perf_counter() - t
+        t = time.perf_counter()
+        self._stage(f"starting the worker ({self.resolved.strategy}: {self.resolved.python})")
+        self.client = WorkerClient(self.resolved.python,
+                                   env=recorded_environment(self.sidecar, use_recorded=self.use_recorded_env),
+                                   log_path=self._log_path(), cwd=os.getcwd(), timeout=self.timeout)
+        self.client.start()
+        customs = self.sidecar.get("custom_objects") or []
+        modules = sorted({c["module"] for c in customs
+                          if c.get("module") and c["module"] not in ("__main__", MAIN_MODULE)
+                          and not c.get("defined_in_main")})
+        if any(c.get("defined_in_main") for c in customs) and code_path:
+            modules.append(MAIN_MODULE)
+        custom_map = {c["qualname"].split(".")[-1]: (MAIN_MODULE, c["qualname"])
+                      for c in customs if c.get("defined_in_main")}
+        self.client.request("prepare", {"sys_path": code_path, "modules": modules,
+                                        "settings": recorded_settings(self.sidecar)})
+        self.seconds["worker_start"] = time.perf_counter() - t
+        t = time.perf_counter()
+        self._stage("loading the model")
+        self.loaded = self.client.request("load", {"path": str(self.model.resolve()),
+                                                   "safe_mode": not self.unsafe,
+                                                   "custom_objects": custom_map})
+        self.seconds["load"] = time.perf_counter() - t
+        return self
+
+    def _log_path(self) -> Path:
+        logs = self.settings.home / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        return logs / f"worker-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+
+    def _need(self) -> WorkerClient:
+        if self.client is None:
+            self.open()
+        assert self.client is not None
+        return self.client
+
+    # -- work ------------------------------------------------------------------------------
+    def probe_arrays(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        with np.load(self.sidecar.file("probe.npz"), allow_pickle=False) as npz:
+            inputs = {k[len("input__"):]: npz[k] for k in npz.files if k.startswith("input__")}
+            outputs = {k[len("output__"):]: npz[k] for k in npz.files if k.startswith("output__")}
+        return inputs, outputs
+
+    def replay_probe(self, tag: str = "probe") -> dict[str, np.ndarray]:
+        client = self._need()
+        inputs, _ = self.probe_arrays()
+        pin = self._tmp / f"{tag}-in.npz"
+        np.savez(pin, **inputs)
+        pout = self._tmp / f"{tag}-out.npz"
+        meta = client.request("predict", {"input": str(pin), "output": str(pout), "format": "npz",
+                                          "batch_size": int(self.sidecar.manifest["probe"]["batch_size"])})
+        with np.load(pout, allow_pickle=False) as npz:
+            return {m["name"]: npz[m["name"]] for m in meta["outputs"]}
+
+    def validate(self) -> Validation:
+        t = time.perf_counter()
+        _, reference = self.probe_arrays()
+        got = self.replay_probe()
+        tol = self.sidecar.manifest["probe"]["tolerance"]
+        comps = compare_outputs(reference, got, atol=float(tol["atol"]), rtol=float(tol["rtol"]))
+        v = Validation(overall_status(comps), tuple(comps), time.perf_counter() - t)
+        self.seconds["validate"] = v.seconds
+        return v
+
+    def predict_file(self, input_path: Path, output: Path, *, batch_size: int = 32,
+                     on_progress: Progress | None = None) -> dict[str, Any]:
+        """Predict into ``output`` through a temporary file renamed into place (no partial output)."""
+        client = self._need()
+        npz = output.suffix == ".npz"
+        tmp = output.with_name(f".{output.name}.envlock-tmp-{os.getpid()}{output.suffix}")
+        t = time.perf_counter()
+        try:
+            meta = client.request("predict", {"input": str(input_path.resolve()), "output": str(tmp),
+                                              "batch_size": batch_size, "format": "npz" if npz else "npy",
+                                              "progress_every": 1}, on_progress=on_progress)
+            os.replace(tmp, output)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+        self.seconds["predict"] = time.perf_counter() - t
+        return dict(meta)
+
+    def predict(self, x: np.ndarray | Mapping[str, np.ndarray], *, batch_size: int = 32) -> Any:
+        """Predict in-memory arrays (through files, never the pipe)."""
+        specs = self.specs
+        arrays = dict(x) if isinstance(x, Mapping) else {specs[0]["name"]: x}
+        pin = self._tmp / "api-in.npz"
+        np.savez(pin, **{k: np.asarray(v) for k, v in arrays.items()})
+        check_input_file(pin, specs)
+        pout = self._tmp / "api-out.npz"
+        meta = self._need().request("predict", {"input": str(pin), "output": str(pout), "format": "npz",
+                                                "batch_size": batch_size})
+        with np.load(pout, allow_pickle=False) as npz:
+            result = {m["name"]: np.array(npz[m["name"]]) for m in meta["outputs"]}
+        for p in (pin, pout):
+            p.unlink(missing_ok=True)
+        return next(iter(result.values())) if len(result) == 1 else result
+
+
+def default_output(input_path: Path, n_outputs: int) -> Path:
+    stem = input_path.name[: -len(input_path.suffix)] if input_path.suffix else input_path.name
+    return input_path.with_name(f"{stem}.predictions{'.npz' if n_outputs > 1 else '.npy'}")
+
+
+def run(model: str | os.PathLike[str], input_path: str | os.PathLike[str], *,
+        output: str | os.PathLike[str] | None = None, batch_size: int = 32, validate: bool = True,
+        on_progress: Progress | None = None, **session_kwargs: Any) -> RunResult:
+    """Validate on this hardware, then predict ``input_path`` into ``output``."""
+    inp = Path(input_path)
+    session = ModelSession(model, **session_kwargs)
+    try:
+        n_outputs = len(session.sidecar.manifest["model"].get("outputs") or [1])
+        rows = check_input_file(inp, session.specs)  # exit 2 before any environment is built
+        out = Path(output) if output is not None else default_output(inp, n_outputs)
+        if out.suffix not in (".npy", ".npz"):
+            raise InputArrayError(f"{out}: the output must be a .npy or .npz file")
+        if n_outputs > 1 and out.suffix != ".npz":
+            raise InputArrayError(f"the model has {n_outputs} outputs: write them to an .npz file")
+        if batch_size < 1:
+            raise BadInputError("--batch-size must be at least 1")
+        session.open()
+        validation = None
+        if validate:
+            validation = session.validate()
+            if validation.status == MISMATCH:
+                worst = max(validation.outputs, key=lambda c: c.max_abs_diff)
+                raise MismatchError(
+                    f"predictions on this machine do not match the lock: output {worst.name} differs "
+                    f"by up to {worst.max_abs_diff:.3g} ({worst.share_out_of_tolerance:.1%} of elements "
+                    "out of tolerance)",
+                    hint=f"`envlock check {session.model}` explains why; --no-validate runs anyway")
+        meta = session.predict_file(inp, out, batch_size=batch_size, on_progress=on_progress)
+        assert session.resolved is not None
+        return RunResult(
+            model=session.model, output=out, rows=rows, outputs=tuple(meta["outputs"]),
+            strategy=session.resolved.strategy, python=session.resolved.python,
+            env_path=session.resolved.env_path, built=session.resolved.built, validation=validation,
+            seconds=dict(session.seconds),
+        )
+    finally:
+        session.close()
+
+
+def load(model: str | os.PathLike[str], **session_kwargs: Any) -> ModelSession:
+    """The Python API: a session whose ``predict(x)`` runs in the locked environment.
+
+    The session starts lazily, on first use or on ``with``; close it (or use ``with``).
+    """
+    return ModelSession(model, **session_kwargs)
+
+
+__all__ = ["IDENTICAL", "MISMATCH", "ModelSession", "RunResult", "Validation", "load", "run"]
