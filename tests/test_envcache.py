@@ -224,6 +224,20 @@ def test_pip_fallback_installs_a_hashed_lock_from_the_index(settings: Settings) 
     assert satisfies(env.python, locked_pins(SMALL_LOCK.read_text()))
 
 
+def test_pip_fallback_with_an_old_pip_seeds_then_removes_it(settings: Settings, tmp_path: Path) -> None:
+    # pip < 22.3 cannot install into another interpreter's environment (--python): the venv
+    # gets pip seeded, installs the lock with it, and drops what the lock does not name.
+    old = Path(os.environ.get("PYENV_ROOT") or Path.home() / ".pyenv") / "versions" / "3.7.16"
+    if not (old / "bin" / "python3.7").exists():
+        pytest.skip("pyenv has no 3.7.16 (with pip 22.0) here")
+    cache = EnvCache(settings, installer="pip")
+    env = cache.ensure(EnvSpec.from_lock(_six_only(tmp_path), "3.7.16"))
+    assert json.loads((env.path / MARKER).read_text())["installer"].startswith("pip 22.")
+    site = env.path / "lib" / "python3.7" / "site-packages"
+    assert sorted(p.name for p in site.glob("*.dist-info")) == ["six-1.17.0.dist-info"]
+    assert _out([str(env.python), "-c", "import six; print(six.__version__)"]) == "1.17.0"
+
+
 def test_a_failed_build_leaves_nothing(cache: EnvCache, tmp_path: Path) -> None:
     bad = tmp_path / "bad.lock.txt"
     bad.write_text("six==1.17.0 --hash=sha256:" + "0" * 64 + "\n")
@@ -605,3 +619,57 @@ def test_compare_inventory() -> None:
     assert diff.extra == {"extra-thing": "1"}
     assert not diff.ok
     assert compare_inventory({"six": "1.17.0"}, {"six": "1.17.0"}).ok
+
+
+# --- a real TensorFlow environment ---------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.tf
+def test_tensorflow_environment_from_a_hashed_lock(cache: EnvCache, tmp_path: Path) -> None:
+    """The case envlock exists for: with uv's cache warm, a TensorFlow env builds in seconds."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    from envlock.tools.uv import find_uv
+
+    try:
+        tf_dist = next(n for n in ("tensorflow-cpu", "tensorflow") if _has_dist(n))
+        pins = {n: dist_version(n) for n in (tf_dist, "keras", "numpy")}
+    except (StopIteration, PackageNotFoundError):
+        pytest.skip("TensorFlow is not installed here")
+    uv = str(find_uv(None))
+    # Hash every pin the way `envlock save` does, constrained to this environment's versions.
+    freeze = _out([uv, "pip", "freeze", "--python", sys.executable])
+    constraints = tmp_path / "constraints.txt"
+    constraints.write_text("\n".join(ln for ln in freeze.splitlines() if "==" in ln) + "\n")
+    wanted = tmp_path / "in.txt"
+    wanted.write_text("".join(f"{n}=={v}\n" for n, v in pins.items()))
+    lock = tmp_path / "tf.lock.txt"
+    _out([uv, "pip", "compile", "-q", "--no-config", "--generate-hashes", "--python", sys.executable,
+          str(wanted), "-c", str(constraints), "-o", str(lock)])
+
+    spec = EnvSpec.from_lock(lock, PY)
+    assert spec.require_hashes
+    t0 = time.perf_counter()
+    env = cache.ensure(spec)
+    cold = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    assert not cache.ensure(spec).built
+    warm = time.perf_counter() - t0
+    print(f"TensorFlow env: cold build {cold:.2f}s, warm ensure {warm * 1000:.2f} ms")
+    assert warm < 0.050
+    got = _out([str(env.python), "-c", f"from importlib.metadata import version; "
+                f"import tensorflow, keras; print(version({tf_dist!r}), keras.__version__)"])
+    assert got == f"{pins[tf_dist]} {pins['keras']}"
+    assert inventory(env.python) == locked_pins(lock.read_text())
+
+
+def _has_dist(name: str) -> bool:
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    try:
+        distribution(name)
+    except PackageNotFoundError:
+        return False
+    return True
