@@ -70,9 +70,10 @@ def _direct_url(dist: metadata.Distribution) -> Optional[Dict[str, Any]]:
 def _describe(dist: metadata.Distribution) -> Optional[Dict[str, Any]]:
     try:
         meta = dist.metadata
-        name = meta.get("Name") if meta is not None else None
-        version = meta.get("Version") if meta is not None else None
-    except (OSError, UnicodeDecodeError, ValueError):
+        # get_all, not [...]: a missing key is None on 3.8 but a warning (later an error) on 3.12+.
+        name = (meta.get_all("Name") or [None])[0] if meta is not None else None
+        version = (meta.get_all("Version") or [None])[0] if meta is not None else None
+    except Exception:  # any broken metadata (an empty folder, bad encoding): skip, as pip does
         return None
     if not name or not version:
         return None
