@@ -690,14 +690,14 @@ class IndexClient:
             if not todo:
                 break
             try:
-                raw = self._page(client, index, name, need=[t for _, t in todo])
+                raw = self._page(client, index, name)
             except _Absent:
                 for key, _ in todo:
                     reasons[key].append(f"not found on {index.url}")
                 continue
             except Exception as exc:  # every failure becomes a result, never a raise
                 reason = _network_reason(exc, index, self._settings.http_timeout)
-                log.debug("index: %s: %s", name, reason)
+                log.debug("index: %s: %s", name, reason, exc_info=True)
                 stale = self._from_stale_pages(name, [k for k, _ in todo], reason)
                 out.update(stale)
                 return out
@@ -718,7 +718,7 @@ class IndexClient:
             out[key] = LookupResult(name, key[1], None, (), "; ".join(reasons[key]))
         return out
 
-    def _page(self, client: _Http, index: _Index, name: str, need: Sequence[Version]) -> _Page:
+    def _page(self, client: _Http, index: _Index, name: str) -> _Page:
         url = index.page_url(name)
         headers = {"Accept": ACCEPT, "Accept-Encoding": "gzip", "User-Agent": USER_AGENT}
         cached = self._cache.get_page(index, name)

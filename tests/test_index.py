@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import socket
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -157,6 +159,38 @@ def test_etag_revalidation_when_a_version_is_not_cached(tmp_path: Path, seen: li
     last = seen.pages_seen()[-1]
     assert last.headers.get("if-none-match") and last.status == 200
     assert res.ok and res.files[0].filename == "gamma-0.2-py3-none-any.whl"
+
+
+CONCURRENT = """
+import json, sys
+from pathlib import Path
+from envlock.index import IndexClient
+from envlock.settings import Settings
+home, url = Path(sys.argv[1]), sys.argv[2]
+s = Settings(home=home, config_dir=home / "c", index_url=url, environ={"HOME": str(home)})
+found = IndexClient(s).lookup_many([("alpha", "1.0"), ("alpha", "1.1"), ("beta", "2.0")])
+print(json.dumps(sorted([list(k), [f.sha256 for f in r.files], r.error] for k, r in found.items())))
+"""
+
+
+def test_processes_sharing_one_cache(tmp_path: Path, seen: li.LocalIndex) -> None:
+    home = tmp_path / "shared"
+    procs = [subprocess.Popen([sys.executable, "-c", CONCURRENT, str(home), seen.url("simple")],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    outs = [p.communicate(timeout=60) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    assert len({out for out, _ in outs}) == 1
+    # Every process wrote the same entries; renames leave no half-written or temporary file.
+    entries = [p for p in home.rglob("*") if p.is_file()]
+    assert entries and not [p for p in entries if p.name.endswith(".tmp")]
+    for path in entries:
+        if path.suffix == ".json":
+            json.loads(path.read_text())
+    # And a fifth process finds all of it on disk.
+    before = len(seen.requests)
+    subprocess.run([sys.executable, "-c", CONCURRENT, str(home), seen.url("simple")], check=True,
+                   capture_output=True, timeout=60)
+    assert len(seen.requests) == before + 1  # beta is on no index here: asked again, as it should
 
 
 def test_unknown_project_and_unknown_version(tmp_path: Path, seen: li.LocalIndex) -> None:
