@@ -74,6 +74,20 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(func=cmd_run)
 
+    p = sub.add_parser("check", help="replay the probe on this machine and explain every difference")
+    p.add_argument("model")
+    p.add_argument("--atol", type=float, help="absolute tolerance (default: as recorded at save)")
+    p.add_argument("--rtol", type=float, help="relative tolerance (default: as recorded at save)")
+    _session_args(p)
+    _common(p)
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("diff", help="the lock against this (or --python's) environment")
+    p.add_argument("model")
+    p.add_argument("--python", help="the interpreter whose environment to compare (default: this one)")
+    _common(p)
+    p.set_defaults(func=cmd_diff)
+
     p = sub.add_parser("env", help="build (or find) the locked environment and print its path")
     p.add_argument("model")
     p.add_argument("--strategy", default="venv", choices=["auto", "current", "venv", "conda"])
@@ -254,6 +268,66 @@ def cmd_run(args: argparse.Namespace, out: Out) -> int:
         out.print(f"[green]probe {v.status.replace('_', ' ')}[/] on this machine")
     where = f"{result.strategy}" + (f" {result.env_path}" if result.env_path else f" {result.python}")
     out.print(f"[bold green]wrote[/] {result.output} ({result.rows} rows) using {where}")
+    return 0
+
+
+def _findings_table(findings: Sequence[Any]) -> Table:
+    t = Table("#", "cause", "recorded", "here", "fix", show_lines=False)
+    for f in findings:
+        t.add_row(str(f.rank), f"[bold]{f.code}[/]\n{f.summary}", _short(f.recorded), _short(f.current), f.fix)
+    return t
+
+
+def _short(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def cmd_check(args: argparse.Namespace, out: Out) -> int:
+    from envlock.checking import check
+
+    result = check(args.model, atol=args.atol, rtol=args.rtol, **_session_kwargs(args, out))
+    code = 0 if result.ok else 1
+    if out.json:
+        out.emit_json(result.to_json())
+        return code
+    colour = "green" if result.ok else "red"
+    out.print(f"[bold {colour}]{result.status.replace('_', ' ')}[/] "
+              f"(atol {result.tolerance['atol']}, rtol {result.tolerance['rtol']}) "
+              f"using {result.strategy} {result.python}")
+    if result.error:
+        out.print(f"[red]{result.error}[/]")
+    if result.outputs:
+        t = Table("output", "status", "max abs", "max rel", "out of tol", "worst at")
+        for o in result.outputs:
+            t.add_row(o.name, o.status, f"{o.max_abs_diff:.3g}", f"{o.max_rel_diff:.3g}",
+                      f"{o.share_out_of_tolerance:.2%}", str(o.worst_index or "-"))
+        out.print(t)
+    if result.findings:
+        out.print(_findings_table(result.findings))
+    elif result.ok:
+        out.print("no differences from the lock")
+    return code
+
+
+def cmd_diff(args: argparse.Namespace, out: Out) -> int:
+    from envlock.differ import diff
+
+    result = diff(args.model, python=args.python)
+    if out.json:
+        out.emit_json(result.to_json())
+        return 0
+    if result.packages:
+        t = Table("package", "change", "recorded", "here", "matters")
+        for p in result.packages:
+            t.add_row(p.name, p.kind, p.recorded or "-", p.current or "-", "yes" if p.matters else "")
+        out.print(t)
+    if result.findings:
+        out.print(_findings_table(result.findings))
+    if result.framework_error:
+        out.print(f"[yellow]framework not readable in {result.python}:[/] {result.framework_error}")
+    if not result.differences:
+        out.print(f"no differences between the lock and {result.python}")
     return 0
 
 

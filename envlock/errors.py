@@ -119,10 +119,12 @@ class WorkerError(EnvlockError):
         self.log_tail = log_tail
 
 
-class CommandError(EnvlockError):
-    """An external command failed. Carries the argv and the tail of its stderr."""
+class CommandError(EnvironmentBuildError):
+    """An external command failed. Carries the argv and the tail of its stderr.
 
-    exit_code = EXIT_ENVIRONMENT
+    A subclass of EnvironmentBuildError: nearly every command envlock runs builds or probes
+    an environment, and a caller catching build failures must see failed installs too.
+    """
 
     def __init__(self, argv: Sequence[str], returncode: int, stderr_tail: str, *,
                  what: str | None = None) -> None:

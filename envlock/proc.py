@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import subprocess
+import sys
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -26,6 +27,21 @@ log = logging.getLogger("envlock.proc")
 # Variables that would make a child install into, or import from, the wrong place.
 _STRIPPED_PREFIXES = ("PIP_", "UV_", "PYTHON", "CONDA_", "VIRTUAL_ENV", "__PYVENV")
 STDERR_TAIL_LINES = 30
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    """New session (so kill_tree reaches the whole group), and on Linux SIGKILL when the
+    thread that started us dies: a SIGKILLed envlock must not leave uv writing into a build
+    folder that the next run has already cleaned."""
+    os.setsid()
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
 
 
 def clean_env(
@@ -97,7 +113,7 @@ def run(
             text=True,
             encoding="utf-8",
             errors="replace",
-            start_new_session=True,
+            preexec_fn=_die_with_parent if os.name == "posix" else None,
         )
     except FileNotFoundError as exc:
         raise CommandError(args, 127, str(exc), what=what) from exc

@@ -155,7 +155,8 @@ class ModelSession:
                  unsafe: bool = False, timeout: float | None = None,
                  allow_python_download: bool = False, find_links: tuple[str, ...] = (),
                  on_stage: Stage | None = None, on_build_event: Callable[[Any], None] | None = None,
-                 ) -> None:
+                 verify_model_file: bool = True, code_first: bool = True,
+                 skip_untrusted_code: bool = False) -> None:
         self.model = Path(model)
         self.settings = settings or Settings.from_env()
         self.strategy = strategy
@@ -167,6 +168,11 @@ class ModelSession:
         self.find_links = find_links
         self._stage = on_stage or (lambda s: None)
         self._on_build_event = on_build_event
+        # run: refuse a changed model file, prefer the sidecar's code, refuse untrusted code.
+        # check: observe all three and explain them instead.
+        self.verify_model_file = verify_model_file
+        self.code_first = code_first
+        self.skip_untrusted_code = skip_untrusted_code
         self.sidecar = read_sidecar(self.model)
         self.resolved: Resolved | None = None
         self.client: WorkerClient | None = None
@@ -209,6 +215,8 @@ class ModelSession:
         if not code.is_dir():
             return []
         if not is_trusted(self.settings, self.sidecar):
+            if not self.trust_code and self.skip_untrusted_code:
+                return []
             if not self.trust_code:
                 raise BadInputError(
                     f"{self.sidecar.path}/code holds custom-object code from a sidecar not saved on "
@@ -219,7 +227,8 @@ class ModelSession:
 
     def open(self) -> ModelSession:
         t = time.perf_counter()
-        self.check_model_file()
+        if self.verify_model_file:
+            self.check_model_file()
         code_path = self._code_path()
         self._stage("resolving the locked environment")
         self.resolved = resolve_environment(
@@ -241,7 +250,8 @@ class ModelSession:
             modules.append(MAIN_MODULE)
         custom_map = {c["qualname"].split(".")[-1]: (MAIN_MODULE, c["qualname"])
                       for c in customs if c.get("defined_in_main")}
-        self.client.request("prepare", {"sys_path": code_path, "modules": modules,
+        where = "sys_path" if self.code_first else "sys_path_append"
+        self.client.request("prepare", {where: code_path, "modules": modules,
                                         "settings": recorded_settings(self.sidecar)})
         self.seconds["worker_start"] = time.perf_counter() - t
         t = time.perf_counter()

@@ -34,7 +34,14 @@ class Worker:
 
     # -- ops -----------------------------------------------------------------------------
     def op_hello(self, args):  # type: ignore[no-untyped-def]
-        return {"pid": os.getpid(), "python": sys.version.split()[0], "executable": sys.executable}
+        import platform
+        return {"pid": os.getpid(), "python": platform.python_version(),
+                "implementation": platform.python_implementation().lower(),
+                "executable": sys.executable}
+
+    def op_inventory(self, args):  # type: ignore[no-untyped-def]
+        from .inventory import installed
+        return installed()
 
     def op_prepare(self, args):  # type: ignore[no-untyped-def]
         """Import the framework (the slow part), apply settings, import custom modules."""
@@ -44,7 +51,11 @@ class Worker:
         import_tf()
         applied = apply_settings(args.get("settings") or {})
         import_keras()
-        modules = load_extra_modules(args.get("modules"), args.get("sys_path"))
+        for p in args.get("sys_path_append") or []:
+            if p not in sys.path:
+                sys.path.append(p)
+        modules = load_extra_modules(args.get("modules"), args.get("sys_path"),
+                                     strict=not args.get("modules_optional", False))
         return {"framework": framework_facts(), "applied": applied, "modules": modules,
                 "import_seconds": time.time() - t0}
 

@@ -1,0 +1,158 @@
+"""`envlock check`: replay the probe on this machine and explain every difference.
+
+Replays twice in one worker and once in a second, fresh worker, so that in-process and
+cross-process nondeterminism are told apart; gathers what the target looks like (framework,
+determinism settings, packages, custom objects, weight fingerprint, hardware) and hands it to
+diagnose() with the manifest.
+"""
+
+from __future__ import annotations
+
+import os
+import platform as _platform
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from envlock.compare import IDENTICAL, MISMATCH, WITHIN_TOLERANCE, OutputComparison, compare_outputs, \
+    overall_status
+from envlock.diagnose import Finding, Observed, diagnose
+from envlock.envcache import locked_pins
+from envlock.errors import WorkerError
+from envlock.gpu import gpu_facts
+from envlock.hostfacts import platform_facts
+from envlock.modelfile import file_sha256, tree_sha256
+from envlock.running import ModelSession
+
+CHECK_SCHEMA = "envlock.check/1"
+ERROR = "error"  # the model could not be loaded or run on the target
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    model: Path
+    status: str
+    outputs: tuple[OutputComparison, ...]
+    findings: tuple[Finding, ...]
+    notes: tuple[dict[str, Any], ...]
+    strategy: str | None
+    python: str | None
+    tolerance: dict[str, float]
+    error: str | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    schema = CHECK_SCHEMA
+
+    @property
+    def ok(self) -> bool:
+        return self.status in (IDENTICAL, WITHIN_TOLERANCE)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "schema": self.schema,
+            "model": str(self.model),
+            "status": self.status,
+            "tolerance": self.tolerance,
+            "outputs": [o.to_json() for o in self.outputs],
+            "findings": [f.to_json() for f in self.findings],
+            "notes": list(self.notes),
+            "strategy": self.strategy,
+            "python": self.python,
+            "error": self.error,
+            "seconds": self.seconds,
+        }
+
+
+def _model_sha(path: Path) -> str | None:
+    if path.is_dir():
+        return tree_sha256(path)[0]
+    return file_sha256(path) if path.is_file() else None
+
+
+def check(model: str | os.PathLike[str], *, atol: float | None = None, rtol: float | None = None,
+          **session_kwargs: Any) -> CheckResult:
+    """Check a saved model on this machine (in the locked environment unless strategy says)."""
+    path = Path(model)
+    current = session_kwargs.get("strategy") == "current"
+    session_kwargs.update(verify_model_file=False, code_first=not current, skip_untrusted_code=True)
+    session = ModelSession(path, **session_kwargs)
+    m = session.sidecar.manifest
+    tol = dict(m["probe"]["tolerance"])
+    if atol is not None:
+        tol["atol"] = atol
+    if rtol is not None:
+        tol["rtol"] = rtol
+    locked = locked_pins(session.sidecar.file("requirements.lock.txt").read_text())
+    obs = Observed(model_sha256=_model_sha(path))
+    pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="envlock-check")
+    gpu_f = pool.submit(gpu_facts)
+    plat_f = pool.submit(platform_facts)
+    outputs: list[OutputComparison] = []
+    status = ERROR
+    error: str | None = None
+    try:
+        try:
+            session.open()
+            client = session.client
+            assert client is not None
+            hello = client.request("hello")
+            obs.python = {"version": hello["python"], "implementation": hello["implementation"]}
+            facts = client.request("facts")
+            obs.framework, obs.determinism = facts["framework"], facts["determinism"]
+            obs.packages = {d["name"]: d["version"] for d in client.request("inventory")}
+            obs.custom_objects = session.loaded.get("custom_objects")
+            obs.static_findings = session.loaded.get("static_findings") or []
+            obs.fingerprint = client.request("fingerprint")
+            _, reference = session.probe_arrays()
+            first = session.replay_probe("a")
+            second = session.replay_probe("b")
+            obs.in_process_equal = _bitwise(first, second)
+            outputs = compare_outputs(reference, first, atol=float(tol["atol"]), rtol=float(tol["rtol"]))
+            status = overall_status(outputs)
+            fresh = _fresh_replay(session)
+            obs.cross_process_equal = _bitwise(first, fresh) if fresh is not None else None
+        except WorkerError as exc:
+            error = str(exc)
+            obs.load_error = {"message": str(exc), "cause": exc.cause}
+            if obs.python is None:
+                obs.python = None
+        obs.custom_modules = frozenset(
+            str(c.get("module", "")).split(".")[0].replace("_", "-") for c in m.get("custom_objects", []))
+        obs.gpu = gpu_f.result()
+        obs.platform = plat_f.result()
+        if obs.python is None and session.resolved is not None and session.resolved.strategy == "current":
+            obs.python = {"version": _platform.python_version()}
+    finally:
+        pool.shutdown(wait=False)
+        resolved = session.resolved
+        session.close()
+    findings, notes = diagnose(m, locked, obs, mismatch=status in (MISMATCH, ERROR))
+    return CheckResult(
+        model=path, status=status, outputs=tuple(outputs), findings=tuple(findings), notes=tuple(notes),
+        strategy=resolved.strategy if resolved else None,
+        python=str(resolved.python) if resolved else None, tolerance=tol, error=error,
+        seconds=dict(session.seconds),
+    )
+
+
+def _bitwise(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> bool:
+    return a.keys() == b.keys() and all(np.array_equal(a[k], b[k], equal_nan=True) for k in a)
+
+
+def _fresh_replay(first: ModelSession) -> dict[str, np.ndarray] | None:
+    """The probe once more in a second, fresh worker of the same environment."""
+    second = ModelSession(first.model, settings=first.settings, strategy=first.strategy,
+                          use_recorded_env=first.use_recorded_env, trust_code=first.trust_code,
+                          unsafe=first.unsafe, timeout=first.timeout, find_links=first.find_links,
+                          verify_model_file=False, code_first=first.code_first,
+                          skip_untrusted_code=first.skip_untrusted_code)
+    try:
+        second.open()
+        return second.replay_probe("fresh")
+    except WorkerError:
+        return None
+    finally:
+        second.close()
