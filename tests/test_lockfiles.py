@@ -14,7 +14,6 @@ from types import ModuleType
 from typing import Any
 
 import pytest
-import tomllib
 from packaging.pylock import Pylock, PylockValidationError
 from packaging.utils import canonicalize_name
 
@@ -23,6 +22,11 @@ from envlock._worker.inventory import installed
 from envlock.index import DistFile, IndexClient, LookupResult
 from envlock.lockfiles import LockedPackage, build_lock, read_requirements, render_pylock, render_requirements
 from envlock.settings import Settings
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # envlock depends on tomli below 3.11
+    import tomli as tomllib
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE / "data" / "index"
