@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -13,7 +14,7 @@ from envlock._worker.arrays import check_shapes
 from envlock._worker.model import WorkerFailure
 from envlock.errors import InputArrayError
 
-Shape = tuple[tuple[int, ...], np.dtype]  # type: ignore[type-arg]
+Shape = tuple[tuple[int, ...], np.dtype]
 
 
 def _header(f: IO[bytes], where: str) -> Shape:
@@ -46,6 +47,11 @@ def read_headers(path: Path) -> dict[str, Shape]:
             raise InputArrayError(f"{path}: not a readable .npz file ({exc})") from exc
     with open(path, "rb") as f:
         return {"": _header(f, str(path))}
+
+
+def save_npz(target: str | os.PathLike[str] | IO[bytes], arrays: Mapping[str, Any]) -> None:
+    """np.savez with keys taken from a mapping (never pickled: numeric arrays only)."""
+    np.savez(target, **{k: np.asarray(v) for k, v in arrays.items()})  # type: ignore[arg-type]
 
 
 def check_input_file(path: Path, specs: Sequence[Mapping[str, Any]]) -> int:

@@ -274,7 +274,8 @@ def cmd_run(args: argparse.Namespace, out: Out) -> int:
 def _findings_table(findings: Sequence[Any]) -> Table:
     t = Table("#", "cause", "recorded", "here", "fix", show_lines=False)
     for f in findings:
-        t.add_row(str(f.rank), f"[bold]{f.code}[/]\n{f.summary}", _short(f.recorded), _short(f.current), f.fix)
+        t.add_row(str(f.rank), f"[bold]{f.code}[/]\n{f.summary}", _short(f.recorded),
+                  _short(f.current), f.fix)
     return t
 
 

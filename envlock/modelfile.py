@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import zipfile
 from dataclasses import dataclass
@@ -157,7 +158,7 @@ def _inspect_savedmodel(p: Path) -> ModelInfo:
                      keras_version=keras_version, backend="tensorflow", tensorflow_version=tfv)
 
 
-def sidecar_path(model: str | Path) -> Path:
+def sidecar_path(model: str | os.PathLike[str]) -> Path:
     """``model.keras`` → ``model.keras.envlock``; a SavedModel dir ``m/`` → ``m.envlock``."""
     p = Path(model)
     return p.with_name(p.name.rstrip("/") + ".envlock")

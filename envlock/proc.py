@@ -186,7 +186,7 @@ def spawn(
             raise CommandError(args, 127, str(exc), what="could not start the worker") from exc
 
 
-def kill_tree(proc: subprocess.Popen) -> None:  # type: ignore[type-arg]
+def kill_tree(proc: subprocess.Popen) -> None:
     """Kill a child started by :func:`run` or :func:`spawn`, with its process group."""
     if proc.poll() is not None:
         return

@@ -21,7 +21,7 @@ import numpy as np
 
 from envlock import proc
 from envlock._worker.framework import ENV_VARS
-from envlock.arrayfiles import check_input_file
+from envlock.arrayfiles import check_input_file, save_npz
 from envlock.compare import IDENTICAL, MISMATCH, OutputComparison, compare_outputs, overall_status
 from envlock.envcache import EnvCache, EnvSpec, default_platform_tag, locked_pins, satisfies
 from envlock.errors import BadInputError, EnvironmentBuildError, InputArrayError, MismatchError
@@ -284,7 +284,7 @@ class ModelSession:
         client = self._need()
         inputs, _ = self.probe_arrays()
         pin = self._tmp / f"{tag}-in.npz"
-        np.savez(pin, **inputs)
+        save_npz(pin, inputs)
         pout = self._tmp / f"{tag}-out.npz"
         meta = client.request("predict", {"input": str(pin), "output": str(pout), "format": "npz",
                                           "batch_size": int(self.sidecar.manifest["probe"]["batch_size"])})
@@ -306,7 +306,10 @@ class ModelSession:
         """Predict into ``output`` through a temporary file renamed into place (no partial output)."""
         client = self._need()
         npz = output.suffix == ".npz"
-        tmp = output.with_name(f".{output.name}.envlock-tmp-{os.getpid()}{output.suffix}")
+        # The worker writes (and keeps its own scratch files) inside this folder; the host removes
+        # it whatever happens, so a worker killed mid-predict leaves nothing beside the output.
+        scratch = Path(tempfile.mkdtemp(prefix=f".{output.name}.envlock-", dir=output.parent))
+        tmp = scratch / f"output{output.suffix}"
         t = time.perf_counter()
         try:
             meta = client.request("predict", {"input": str(input_path.resolve()), "output": str(tmp),
@@ -314,8 +317,7 @@ class ModelSession:
                                               "progress_every": 1}, on_progress=on_progress)
             os.replace(tmp, output)
         finally:
-            if tmp.exists():
-                tmp.unlink()
+            shutil.rmtree(scratch, ignore_errors=True)
         self.seconds["predict"] = time.perf_counter() - t
         return dict(meta)
 
@@ -324,7 +326,7 @@ class ModelSession:
         specs = self.specs
         arrays = dict(x) if isinstance(x, Mapping) else {specs[0]["name"]: x}
         pin = self._tmp / "api-in.npz"
-        np.savez(pin, **{k: np.asarray(v) for k, v in arrays.items()})
+        save_npz(pin, arrays)
         check_input_file(pin, specs)
         pout = self._tmp / "api-out.npz"
         meta = self._need().request("predict", {"input": str(pin), "output": str(pout), "format": "npz",
@@ -355,6 +357,9 @@ def run(model: str | os.PathLike[str], input_path: str | os.PathLike[str], *,
             raise InputArrayError(f"{out}: the output must be a .npy or .npz file")
         if n_outputs > 1 and out.suffix != ".npz":
             raise InputArrayError(f"the model has {n_outputs} outputs: write them to an .npz file")
+        if not out.parent.is_dir():
+            raise BadInputError(f"{out}: the folder {out.parent} does not exist",
+                                hint="create it first, or pass another --output")
         if batch_size < 1:
             raise BadInputError("--batch-size must be at least 1")
         session.open()

@@ -30,6 +30,7 @@ from envlock import templating
 from envlock._worker.fingerprint import compare_fingerprints, compare_with_stored, fingerprint_weights
 from envlock._worker.framework import ENV_VARS
 from envlock._worker.inventory import installed
+from envlock.arrayfiles import save_npz
 from envlock.errors import InputArrayError, WeightsNotRestoredError
 from envlock.gpu import cuda_env_facts, gpu_facts
 from envlock.hostfacts import platform_facts, python_facts
@@ -171,14 +172,16 @@ def save(model: Any, path: str | os.PathLike[str], *, probe: Any = None, setting
                 mem.main_objects = {c.__name__: c.__qualname__ for c in mains}
             probe_path = None
             label = None
-            if probe is not None and not isinstance(probe, (str, os.PathLike)):
+            in_memory = probe is not None and not isinstance(probe, (str, os.PathLike))
+            if in_memory:
                 label = "arrays passed to envlock.save"
                 probe_path = workdir / "user-probe.npz"
                 arrays = probe if isinstance(probe, Mapping) else {"__single__": probe}
-                np.savez(probe_path, **{k: np.asarray(v) for k, v in arrays.items()})
+                save_npz(probe_path, arrays)
             elif probe is not None:
                 probe_path = Path(probe)
-            options = SaveOptions(probe=probe_path, probe_label=label, custom_object_modules=tuple(custom_objects),
+            options = SaveOptions(probe=probe_path, probe_label=label,
+                                  custom_object_modules=tuple(custom_objects),
                                   allow_mismatch=allow_mismatch, atol=atol, rtol=rtol,
                                   command=f"envlock.save(model, {os.fspath(path)!r})")
             return _lock(path, settings or Settings.from_env(), options, workdir, mem, on_stage)
@@ -248,7 +251,7 @@ def _lock(path: Path, settings: Settings, options: SaveOptions, workdir: Path, m
             probe_in = workdir / "probe-in.npz"
             if options.probe is not None:
                 arrays = _read_probe_file(options.probe, specs)
-                np.savez(probe_in, **arrays)
+                save_npz(probe_in, arrays)
                 probe_source = options.probe_label or str(options.probe)
             else:
                 client.request("make_probe", {"path": str(probe_in), "seed": options.seed,
@@ -317,7 +320,7 @@ def _array_specs(arrays: Mapping[str, np.ndarray]) -> list[dict[str, Any]]:
 
 def _npz_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
     buf = io.BytesIO()
-    np.savez(buf, **arrays)
+    save_npz(buf, arrays)
     return buf.getvalue()
 
 

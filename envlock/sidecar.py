@@ -104,14 +104,14 @@ def write_sidecar(model: Path, manifest: dict[str, Any], files: Mapping[str, byt
     return Sidecar(target, body)
 
 
-def find_sidecar(model_or_sidecar: str | Path) -> Path:
+def find_sidecar(model_or_sidecar: str | os.PathLike[str]) -> Path:
     p = Path(model_or_sidecar)
     if p.name.endswith(".envlock") and (p / MANIFEST).exists():
         return p
     return sidecar_path(p)
 
 
-def read_sidecar(model_or_sidecar: str | Path, *, verify: bool = True) -> Sidecar:
+def read_sidecar(model_or_sidecar: str | os.PathLike[str], *, verify: bool = True) -> Sidecar:
     """Read and verify a sidecar. Any problem raises SidecarError naming the file (exit 2)."""
     root = find_sidecar(model_or_sidecar)
     if not root.is_dir():

@@ -4,7 +4,6 @@ import sys
 
 import keras
 import numpy as np
-
 import tinylayers
 
 out = sys.argv[1]
