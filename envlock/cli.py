@@ -143,27 +143,44 @@ class Out:
         self.quiet = bool(getattr(args, "quiet", False)) or self.json
         self.console = Console(highlight=False, soft_wrap=True)
         self.err = Console(stderr=True, highlight=False, soft_wrap=True)
+        self._status: Any = None
 
     def print(self, *objs: Any) -> None:
+        self.done()
         if not self.quiet:
             self.console.print(*objs)
 
     def stage(self, text: str) -> None:
-        if not self.quiet:
-            self.err.print(f"[dim]… {text}[/dim]")
+        # Progress is for a person watching: a transient status line on a terminal, nothing
+        # in a pipe or a log (where only results and errors belong), like pip and uv.
+        logging.getLogger("envlock").info(text)
+        if self.quiet or not self.err.is_terminal:
+            return
+        if self._status is None:
+            self._status = self.err.status(text)
+            self._status.start()
+        else:
+            self._status.update(text)
+
+    def done(self) -> None:
+        if self._status is not None:
+            self._status.stop()
+            self._status = None
 
     def build_event(self, event: Any) -> None:
-        if self.quiet or event.stage == "output":
-            return
-        self.err.print(f"[dim]… {event.message}[/dim]")
+        if event.stage != "output":
+            self.stage(event.message)
 
     def progress(self, total_hint: str) -> Any:
         from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
         return Progress(TextColumn(total_hint), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                        TimeRemainingColumn(), console=self.err, disable=self.quiet, transient=True)
+                        TimeRemainingColumn(), console=self.err, transient=True,
+                        # Off a terminal a transient bar leaves only a blank line on stderr.
+                        disable=self.quiet or not self.err.is_terminal)
 
     def emit_json(self, doc: dict[str, Any]) -> None:
+        self.done()
         sys.stdout.write(json.dumps(doc, indent=2, sort_keys=True, default=str) + "\n")
 
 
@@ -254,12 +271,16 @@ def cmd_run(args: argparse.Namespace, out: Out) -> int:
     def on_progress(done: int, total: int) -> None:
         nonlocal task
         if task is None:
+            out.done()  # one live display at a time: the status line gives way to the bar
+            bar.start()
             task = bar.add_task("predict", total=total)
         bar.update(task, completed=done)
 
-    with bar:
+    try:
         result = run(args.model, args.input, output=args.output, batch_size=args.batch_size,
                      validate=not args.no_validate, on_progress=on_progress, **_session_kwargs(args, out))
+    finally:
+        bar.stop()
     if out.json:
         out.emit_json(result.to_json())
         return 0
@@ -409,9 +430,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return func(args, out)
     except EnvlockError as err:
+        out.done()
         _report_error(err, args.debug)
         return err.exit_code
     except KeyboardInterrupt:
+        out.done()
         sys.stderr.write("envlock: interrupted\n")
         return EXIT_INTERRUPTED
     except BrokenPipeError:

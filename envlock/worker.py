@@ -25,13 +25,16 @@ WORKER_DIR = Path(__file__).resolve().parent / "_worker"
 LOG_TAIL_LINES = 15
 
 _BOOTSTRAP = """\
-import importlib.util, sys
+import importlib.util, os, sys
 d = {d!r}
 s = importlib.util.spec_from_file_location("envlock_worker", d + "/__init__.py",
                                            submodule_search_locations=[d])
 m = importlib.util.module_from_spec(s); sys.modules["envlock_worker"] = m; s.loader.exec_module(m)
 import envlock_worker.main as w
-sys.exit(w.main())
+code = w.main()
+# Every answer is written and flushed: skip the interpreter's teardown, which for TensorFlow
+# takes about half a second that the host (and the user) would otherwise wait for.
+sys.stdout.flush(); sys.stderr.flush(); os._exit(code)
 """
 
 ProgressFn = Callable[[int, int], None]
@@ -44,9 +47,9 @@ def worker_argv(python: str | os.PathLike[str]) -> list[str]:
 def _signal_name(returncode: int) -> str:
     if returncode < 0:
         try:
-            return f"killed by {signal.Signals(-returncode).name}"
+            return f"was killed by {signal.Signals(-returncode).name}"
         except ValueError:
-            return f"killed by signal {-returncode}"
+            return f"was killed by signal {-returncode}"
     return f"exited with status {returncode}"
 
 
@@ -138,8 +141,12 @@ class WorkerClient:
         err = answer["error"]
         if err.get("kind") == "input":
             raise InputArrayError(err["message"])
+        hint = None
+        if err.get("cause") == "custom_object_missing":
+            hint = ("import the module that defines it with --custom-objects MODULE, or run from "
+                    "the folder your training script ran in")
         raise WorkerError(f"{op} failed in the worker: {err['message']}", cause=err.get("cause"),
-                          log_tail=err.get("traceback", ""))
+                          log_tail=err.get("traceback", ""), hint=hint)
 
     # -- plumbing ------------------------------------------------------------------------
     @staticmethod
@@ -180,7 +187,10 @@ class WorkerClient:
         tail = self.log_tail()
         last = next((ln for ln in reversed(tail.splitlines()) if ln.strip()), "")
         msg = f"the worker {_signal_name(rc)}" + (f" {when}" if when else "")
-        if last:
+        if rc == -signal.SIGKILL:
+            # Its log ends with whatever it printed last, unrelated to the kill.
+            msg += " (out of memory, or stopped from outside)"
+        elif last:
             msg += f": {last.strip()}"
         raise WorkerError(msg, log_tail=tail, hint=f"full log: {self.log_path}")
 

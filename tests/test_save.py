@@ -326,3 +326,61 @@ def test_api_save_weights_not_restored_compared_with_memory(tiny_project: Path, 
     assert doc["error"] == "WeightsNotRestoredError"
     assert "forgetful" in doc["message"] and "memory" in doc["message"]
     assert not (tmp_path / "api.keras.envlock").exists()
+
+
+def test_offline_save_succeeds_and_lists_packages_without_hashes(tiny_project: Path, tmp_path: Path) -> None:
+    shutil.copy(tiny_project / "model.keras", tmp_path / "model.keras")
+    shutil.copy(tiny_project / "tinylayers.py", tmp_path / "tinylayers.py")
+    env = {"ENVLOCK_OFFLINE": "1", "ENVLOCK_HOME": str(tmp_path / "home")}  # empty hash cache
+    res = run_cli("save", "model.keras", "--json", cwd=tmp_path, env=env)
+    assert res.returncode == 0, res.stderr
+    doc = json.loads(res.stdout)
+    assert doc["hashed"] == 0 and len(doc["missing_hashes"]) == doc["packages"] > 10
+    assert "numpy" in doc["missing_hashes"]
+    assert any("no sha256" in w for w in doc["warnings"])
+    text = (tmp_path / "model.keras.envlock" / "requirements.lock.txt").read_text()
+    assert f"numpy=={metadata.version('numpy')}" in text and "--hash=" not in text
+    assert manifest_of(tmp_path / "model.keras")["packages"]["complete"] is False
+
+
+SCRIPT_LAYER = r'''
+import keras, numpy as np
+
+@keras.saving.register_keras_serializable(package="demo")
+class Gain(keras.layers.Layer):
+    def build(self, input_shape):
+        self.g = self.add_weight(shape=(input_shape[-1],), initializer="ones", name="g")
+    def call(self, x):
+        return x * self.g
+
+inp = keras.Input((3,), name="x")
+keras.Model(inp, Gain(name="gain")(inp)).save("script.keras")
+'''
+
+REGISTERING_MODULE = r'''
+import keras
+
+@keras.saving.register_keras_serializable(package="demo")
+class Gain(keras.layers.Layer):
+    def build(self, input_shape):
+        self.g = self.add_weight(shape=(input_shape[-1],), initializer="ones", name="g")
+    def call(self, x):
+        return x * self.g
+'''
+
+
+def test_custom_objects_flag_imports_modules_before_loading(tmp_path: Path) -> None:
+    """A class registered in a script: the file names module __main__, which the CLI cannot
+    import; a module registering the same name, passed with --custom-objects, makes it load."""
+    (tmp_path / "make.py").write_text(SCRIPT_LAYER)
+    (tmp_path / "demo_layers.py").write_text(REGISTERING_MODULE)
+    run_python("make.py", cwd=tmp_path)
+    res = run_cli("save", "script.keras", cwd=tmp_path)
+    assert res.returncode == 4, res.stderr
+    assert res.stderr.startswith("envlock: error:") and "Gain" in res.stderr
+    assert not (tmp_path / "script.keras.envlock").exists()
+    res = run_cli("save", "script.keras", "--custom-objects", "demo_layers", "--json", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    gain = json.loads(res.stdout)["custom_objects"][0]
+    assert gain["module"] == "demo_layers" and gain["registered_name"] == "demo>Gain"
+    assert gain["vendored"] == "code/demo_layers.py"

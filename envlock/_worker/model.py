@@ -61,14 +61,34 @@ def load_model(path: str, safe_mode: bool = True, custom_objects=None):  # type:
             kwargs["safe_mode"] = safe_mode
         return keras.models.load_model(path, **kwargs)
     except Exception as exc:
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        cause = None
-        low = str(exc).lower()
-        if any(s in low for s in ("unknown layer", "could not locate", "unknown object",
-                                   "custom_objects", "no module named")):
-            cause = "custom_object_missing"
+        msg, cause = _explain_load_error(exc)
         raise WorkerFailure("could not load %s: %s" % (os.path.basename(path), msg),
                             cause=cause) from None
+
+
+_MISSING_MARKERS = ("could not locate", "unknown layer", "unknown object", "no module named",
+                    "custom_objects")
+
+
+def _explain_load_error(exc):  # type: ignore[no-untyped-def]
+    """The most specific message in the exception chain: Keras wraps "Could not locate class
+    'X'" in a generic "could not be deserialized properly"."""
+    chain = []
+    e = exc
+    while e is not None and e not in chain:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    for e in reversed(chain):  # innermost first: the outer ones repeat it inside prose
+        text = str(e).strip()
+        low = text.lower()
+        for marker in _MISSING_MARKERS:
+            i = low.find(marker)
+            if i >= 0:
+                first = text[i:].splitlines()[0]
+                end = first.find(". ")
+                return (first[:end + 1] if end > 0 else first), "custom_object_missing"
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__), None
 
 
 def _walk_config(node, found):  # type: ignore[no-untyped-def]
@@ -159,6 +179,18 @@ def _registered(name):  # type: ignore[no-untyped-def]
         return None
 
 
+def _registered_name(obj):  # type: ignore[no-untyped-def]
+    keras = import_keras()
+    getter = getattr(getattr(keras, "saving", None), "get_registered_name", None) or getattr(
+        getattr(keras, "utils", None), "get_registered_name", None)
+    try:
+        name = getter(obj) if getter is not None else None
+    except Exception:
+        return None
+    # Unregistered objects come back under their bare class name.
+    return name if isinstance(name, str) and ">" in name else None
+
+
 def describe_object(module: str, name: str, registered, model_classes):  # type: ignore[no-untyped-def]
     obj = model_classes.get((module, name))
     if module == "<registered>":
@@ -230,7 +262,7 @@ def custom_objects(model, config) -> list:  # type: ignore[no-untyped-def,type-a
     for layer in _all_layers(model):
         cls = type(layer)
         if not is_builtin(cls.__module__):
-            found.setdefault((cls.__module__, cls.__qualname__), None)
+            found.setdefault((cls.__module__, cls.__qualname__), _registered_name(cls))
             model_classes[(cls.__module__, cls.__qualname__)] = cls
     if config is not None:
         _walk_config(config, found)
