@@ -4,6 +4,11 @@ Measured in one run on this machine, against a baseline measured in the same run
     ./dev bench save            (or: python bench/save.py [--repeat N])
 Prints seconds and ratios; never asserts (the machine is noisy). Targets (issue 2): at most
 2 s added with a cold hash cache for a TensorFlow environment, at most 0.5 s warm.
+
+Three cases, because they cost different things: the first save in a process starts the
+reload worker (a fresh interpreter importing TensorFlow, which the fingerprint of the model
+*as loaded back* needs); later saves in the same process reuse that worker, with a cold or a
+warm package-index cache. The first case is measured in a fresh subprocess each time.
 """
 
 from __future__ import annotations
@@ -33,6 +38,33 @@ def build_model():  # type: ignore[no-untyped-def]
     return keras.Model(inp, keras.layers.Dense(3, name="prediction")(h))
 
 
+_FIRST = """
+import os, sys, time
+sys.path[:0] = [{bench!r}, {example!r}]
+import save as bench
+from envlock.saving import save
+from envlock.settings import Settings
+model = bench.build_model()
+model.save({warm!r})
+settings = Settings.from_env({{**os.environ, "ENVLOCK_HOME": {home!r}}})
+t = time.perf_counter()
+save(model, {target!r}, settings=settings)
+print(time.perf_counter() - t)
+"""
+
+
+def _first_save_in_fresh_process(work: Path, i: int) -> float:
+    """envlock.save as the first save of a fresh process, with an empty hash cache."""
+    import subprocess
+
+    here = Path(__file__).resolve().parent
+    code = _FIRST.format(bench=str(here), example=str(here.parent / "examples" / "quickstart"),
+                         warm=str(work / f"first-warm{i}.keras"), home=str(work / f"first-home{i}"),
+                         target=str(work / f"first{i}.keras"))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeat", type=int, default=3)
@@ -59,6 +91,8 @@ def main() -> int:
             result = save(model, work / name, settings=settings)
             return time.perf_counter() - t, result.seconds
 
+        first = [_first_save_in_fresh_process(work, i) for i in range(args.repeat)]
+        envlock_save(work / "home-warmup", "warmup-envlock.keras")  # starts the reload worker
         cold, warm = [], []
         detail = {}
         for i in range(args.repeat):
@@ -67,21 +101,24 @@ def main() -> int:
             cold.append(secs)
             secs, detail["warm"] = envlock_save(home, f"warm{i}.keras")
             warm.append(secs)
-        c, w = statistics.median(cold), statistics.median(warm)
+        f, c, w = statistics.median(first), statistics.median(cold), statistics.median(warm)
         rows = [
-            ("keras model.save", base, 1.0, 0.0),
-            ("envlock.save, cold hash cache", c, c / base, c - base),
-            ("envlock.save, warm hash cache", w, w / base, w - base),
+            ("keras model.save", base),
+            ("first envlock.save in a process", f),
+            ("later save, cold hash cache", c),
+            ("later save, warm hash cache", w),
         ]
-        print(f"{'':34} {'seconds':>8} {'ratio':>8} {'added s':>8}")
-        for name, s, r, added in rows:
-            print(f"{name:34} {s:8.3f} {r:8.1f}x {added:8.3f}")
-        print(f"\ntargets: added cold <= 2.0 s ({'met' if c - base <= 2.0 else 'NOT met'}), "
-              f"added warm <= 0.5 s ({'met' if w - base <= 0.5 else 'NOT met'})")
+        print(f"{'':34} {'seconds':>8} {'ratio':>9} {'added s':>8}")
+        for name, s in rows:
+            print(f"{name:34} {s:8.3f} {s / base:8.1f}x {s - base:8.3f}")
+        print(f"\ntargets: added cold <= 2.0 s: first save {'met' if f - base <= 2.0 else 'NOT met'}, "
+              f"later saves {'met' if c - base <= 2.0 else 'NOT met'}; added warm <= 0.5 s: "
+              f"{'met' if w - base <= 0.5 else 'NOT met'}")
         print(f"phases (last cold run): {json.dumps({k: round(v, 3) for k, v in detail['cold'].items()})}")
         print(f"phases (last warm run): {json.dumps({k: round(v, 3) for k, v in detail['warm'].items()})}")
         if args.json:
-            args.json.write_text(json.dumps({"keras_save": base, "cold": c, "warm": w, "phases": detail}))
+            args.json.write_text(json.dumps({"keras_save": base, "first": f, "cold": c, "warm": w,
+                                             "phases": detail}))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0

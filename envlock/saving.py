@@ -8,6 +8,8 @@ The sidecar is written last, all at once (see sidecar.write_sidecar).
 from __future__ import annotations
 
 import ast
+import atexit
+import hashlib
 import inspect
 import io
 import os
@@ -15,6 +17,7 @@ import shlex
 import shutil
 import sys
 import tempfile
+import threading
 import time
 import zipfile
 from collections.abc import Callable, Mapping, Sequence
@@ -39,13 +42,12 @@ from envlock.lockfiles import build_lock, render_pylock, render_requirements
 from envlock.modelfile import ModelInfo, inspect_model, sidecar_path
 from envlock.results import SaveResult
 from envlock.settings import Settings
-from envlock.sidecar import write_sidecar
+from envlock.sidecar import MAIN_MODULE, write_sidecar
 from envlock.trust import trust
 from envlock.worker import WorkerClient
 
 DEFAULT_ATOL = 1e-6
 DEFAULT_RTOL = 1e-5
-MAIN_MODULE = "__envlock_main__"
 Stage = Callable[[str], None]
 
 
@@ -69,7 +71,7 @@ class _InMemory:
     """What the API path knows that the file alone does not: the model as it was in memory."""
 
     worker: WorkerClient
-    prepare_ticket: tuple[int, str]
+    prepare_ticket: tuple[int, str] | None  # None: a reused worker, prepared already
     fingerprint: dict[str, Any]
     main_source: str | None = None
     main_objects: dict[str, str] = field(default_factory=dict)
@@ -84,13 +86,64 @@ def _worker_env() -> dict[str, str]:
     return env
 
 
-def _start_worker(workdir: Path, sys_path: Sequence[str], modules: Sequence[str]) -> tuple[WorkerClient,
-                                                                                          tuple[int, str]]:
-    client = WorkerClient(sys.executable, env=_worker_env(), log_path=workdir / "worker.log",
+def _start_worker(log_dir: Path, sys_path: Sequence[str], modules: Sequence[str]) -> tuple[WorkerClient,
+                                                                                         tuple[int, str]]:
+    client = WorkerClient(sys.executable, env=_worker_env(),
+                          log_path=log_dir / f"save-worker-{os.getpid()}-{time.time_ns()}.log",
                           cwd=os.getcwd(), timeout=600)
     client.start()
     ticket = client.send("prepare", {"sys_path": list(sys_path), "modules": list(modules)})
     return client, ticket
+
+
+class _Reloader:
+    """One warm reload worker per process, for repeated ``envlock.save`` calls.
+
+    The first save pays for the worker's framework import; later saves (checkpoints in a
+    training loop) reuse the worker when it was started with the same interpreter, folder,
+    environment variables and custom modules, so that what it reads is still what this
+    process would read. Each load clears the Keras session first, so a load sees what a
+    fresh process would. Not used when __main__ objects are captured (their source may
+    change between saves), and dropped after any failure.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._idle: tuple[str, WorkerClient] | None = None
+        atexit.register(self.close)
+
+    def acquire(self, key: str, start: Callable[[], tuple[WorkerClient, tuple[int, str]]]
+                ) -> tuple[WorkerClient, tuple[int, str] | None]:
+        with self._lock:
+            idle, self._idle = self._idle, None
+        if idle is not None:
+            if idle[0] == key and idle[1].alive():
+                return idle[1], None
+            idle[1].close()
+        return start()
+
+    def release(self, key: str, client: WorkerClient, *, keep: bool) -> None:
+        if keep:
+            with self._lock:
+                if self._idle is None:
+                    self._idle = (key, client)
+                    return
+        client.close()
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, None
+        if idle is not None:
+            idle[1].close()
+
+
+_RELOADER = _Reloader()
+
+
+def _reload_key(sys_path: Sequence[str], modules: Sequence[str]) -> str:
+    parts = [sys.executable, os.getcwd(), *sys_path, "|", *modules, "|",
+             *(f"{k}={v}" for k, v in sorted(os.environ.items()))]
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()
 
 
 def _read_probe_file(path: Path, specs: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:
@@ -159,10 +212,15 @@ def save(model: Any, path: str | os.PathLike[str], *, probe: Any = None, setting
          rtol: float = DEFAULT_RTOL, on_stage: Stage | None = None, **save_kwargs: Any) -> SaveResult:
     """Save ``model`` with Keras, then write its sidecar. ``probe``: array, dict or .npy/.npz path."""
     path = Path(path)
+    settings = settings or Settings.from_env()
     workdir = Path(tempfile.mkdtemp(prefix="envlock-save-"))
-    sys_path = [p for p in sys.path if p and os.path.isdir(p)]
+    sys_path = [os.getcwd(), *(p for p in sys.path if p and os.path.isdir(p))]
+    key = _reload_key(sys_path, custom_objects)
+    logs = settings.home / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
     try:
-        client, ticket = _start_worker(workdir, [os.getcwd(), *sys_path], custom_objects)
+        client, ticket = _RELOADER.acquire(key, lambda: _start_worker(logs, sys_path, custom_objects))
+        keep = False
         try:
             model.save(os.fspath(path), **save_kwargs)
             mains = _main_objects(model)
@@ -184,9 +242,11 @@ def save(model: Any, path: str | os.PathLike[str], *, probe: Any = None, setting
                                   custom_object_modules=tuple(custom_objects),
                                   allow_mismatch=allow_mismatch, atol=atol, rtol=rtol,
                                   command=f"envlock.save(model, {os.fspath(path)!r})")
-            return _lock(path, settings or Settings.from_env(), options, workdir, mem, on_stage)
+            result = _lock(path, settings, options, workdir, mem, on_stage)
+            keep = not mains
+            return result
         finally:
-            client.close()
+            _RELOADER.release(key, client, keep=keep)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -219,13 +279,16 @@ def _lock(path: Path, settings: Settings, options: SaveOptions, workdir: Path, m
         host = {"python": python_facts(), "platform": platform_facts()}
         code_dir = workdir / "code"
         sys_path = [os.getcwd(), *options.extra_sys_path]
+        ticket: tuple[int, str] | None
         if mem is None:
             stage("starting the worker")
-            client, ticket = _start_worker(workdir, sys_path, options.custom_object_modules)
+            logs = settings.home / "logs"
+            logs.mkdir(parents=True, exist_ok=True)
+            client, ticket = _start_worker(logs, sys_path, options.custom_object_modules)
         else:
             client, ticket = mem.worker, mem.prepare_ticket
         try:
-            prepared = client.wait(ticket)
+            prepared = client.wait(ticket) if ticket is not None else {}
             seconds["framework_import"] = prepared.get("import_seconds", 0.0)
             custom_map: dict[str, tuple[str, str]] = {}
             if mem is not None and mem.main_source:
@@ -238,47 +301,70 @@ def _lock(path: Path, settings: Settings, options: SaveOptions, workdir: Path, m
                                              "custom_objects": custom_map,
                                              "import_config_modules": True})
             specs = loaded["inputs"]
-            fingerprint = client.request("fingerprint")
+            probe_in = workdir / "probe-in.npz"
+            if options.probe is not None:
+                save_npz(probe_in, _read_probe_file(options.probe, specs))
+                probe_source = options.probe_label or str(options.probe)
+            else:
+                probe_source = "generated"
+            # Queue everything the worker has to do, then lock packages on this side while it
+            # works: the two halves take about as long, and neither needs the other.
+            stage("fingerprinting and running the probe")
+            t_fp = client.send("fingerprint")
+            t_stored = client.send("stored_weights") if mem is None else None
+            t_make = None if options.probe is not None else client.send(
+                "make_probe", {"path": str(probe_in), "seed": options.seed, "rows": options.probe_rows})
+            out_paths = [workdir / f"probe-out-{i}.npz" for i in range(2)]
+            t_preds = [client.send("predict", {"input": str(probe_in), "output": str(out),
+                                               "batch_size": options.batch_size, "format": "npz"})
+                       for out in out_paths]
+            t_facts = client.send("facts")
+
+            tl = time.perf_counter()
+            lookups = lookups_f.result()
+            seconds["index_wait"] = time.perf_counter() - tl
+            packages = build_lock(dists, lookups)
+            command = options.command or "envlock save " + shlex.quote(path.name)
+            lock_texts = _render_locks(packages, host["python"]["version"], command, settings)
+
+            fingerprint = client.wait(t_fp)
             if mem is not None:
                 mismatched = compare_fingerprints(mem.fingerprint, fingerprint)
                 against = "the model in memory"
             else:
-                mismatched = compare_with_stored(client.request("stored_weights"), fingerprint)
+                assert t_stored is not None
+                mismatched = compare_with_stored(client.wait(t_stored), fingerprint)
                 against = "the weights stored in the file"
             if mismatched and not options.allow_mismatch:
                 raise WeightsNotRestoredError(mismatched, detail=f"compared with {against}")
-            stage("running the probe")
-            probe_in = workdir / "probe-in.npz"
-            if options.probe is not None:
-                arrays = _read_probe_file(options.probe, specs)
-                save_npz(probe_in, arrays)
-                probe_source = options.probe_label or str(options.probe)
-            else:
-                client.request("make_probe", {"path": str(probe_in), "seed": options.seed,
-                                              "rows": options.probe_rows})
-                probe_source = "generated"
+            if t_make is not None:
+                client.wait(t_make)
             outs = []
-            for i in range(2):
-                out = workdir / f"probe-out-{i}.npz"
-                meta = client.request("predict", {"input": str(probe_in), "output": str(out),
-                                                  "batch_size": options.batch_size, "format": "npz"})
+            for ticket_, out in zip(t_preds, out_paths):
+                meta = client.wait(ticket_)
                 with np.load(out, allow_pickle=False) as npz:
                     outs.append({m["name"]: npz[m["name"]] for m in meta["outputs"]})
-            facts = client.request("facts")
+            facts = client.wait(t_facts)
         finally:
             if mem is None:
                 client.close()
         repeatable = all(np.array_equal(outs[0][k], outs[1][k], equal_nan=True) for k in outs[0])
-        stage("locking packages")
-        tl = time.perf_counter()
-        lookups = lookups_f.result()
-        seconds["index_wait"] = time.perf_counter() - tl
         gpus = gpu_f.result()
 
-    packages = build_lock(dists, lookups)
-    return _write(path, info, settings, options, host, gpus, dists, packages, loaded, specs,
-                  fingerprint, mismatched, probe_in, outs[0], probe_source, repeatable, facts,
-                  code_dir, mem, seconds, t0)
+    return _write(path, info, settings, options, host, gpus, dists, packages, lock_texts, loaded,
+                  specs, fingerprint, mismatched, probe_in, outs[0], probe_source, repeatable, facts,
+                  code_dir, mem, seconds, t0, command)
+
+
+def _render_locks(packages: list[Any], python_version: str, command: str,
+                  settings: Settings) -> dict[str, bytes]:
+    return {
+        "requirements.lock.txt": render_requirements(
+            packages, python_version=python_version, command=command,
+            index_urls=settings.index_urls).encode(),
+        "pylock.toml": render_pylock(packages, python_version=python_version,
+                                     created_by="envlock").encode(),
+    }
 
 
 def _vendor_code(custom: list[dict[str, Any]], code_dir: Path, mem: _InMemory | None,
@@ -325,12 +411,14 @@ def _npz_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
 
 
 def _write(path: Path, info: ModelInfo, settings: Settings, options: SaveOptions, host: dict[str, Any],
-           gpus: dict[str, Any], dists: list[dict[str, Any]], packages: list[Any], loaded: dict[str, Any],
-           specs: list[dict[str, Any]], fingerprint: dict[str, Any], mismatched: list[str], probe_in: Path,
+           gpus: dict[str, Any], dists: list[dict[str, Any]], packages: list[Any],
+           lock_texts: dict[str, bytes], loaded: dict[str, Any], specs: list[dict[str, Any]],
+           fingerprint: dict[str, Any], mismatched: list[str], probe_in: Path,
            outputs: dict[str, np.ndarray], probe_source: str, repeatable: bool, facts: dict[str, Any],
-           code_dir: Path, mem: _InMemory | None, seconds: dict[str, float], t0: float) -> SaveResult:
+           code_dir: Path, mem: _InMemory | None, seconds: dict[str, float], t0: float,
+           command: str) -> SaveResult:
     warnings: list[str] = []
-    files: dict[str, bytes | Path] = {}
+    files: dict[str, bytes | Path] = dict(lock_texts)
     custom = [dict(c) for c in loaded["custom_objects"]]
     _vendor_code(custom, code_dir, mem, files, warnings)
 
@@ -358,16 +446,13 @@ def _write(path: Path, info: ModelInfo, settings: Settings, options: SaveOptions
     if os.environ.get("PYTHONPATH"):
         warnings.append("PYTHONPATH is set: modules found through it are not locked")
 
-    command = options.command or "envlock save " + shlex.quote(path.name)
-    files["requirements.lock.txt"] = render_requirements(
-        packages, python_version=python["version"], command=command,
-        index_urls=settings.index_urls).encode()
-    files["pylock.toml"] = render_pylock(packages, python_version=python["version"],
-                                         created_by="envlock").encode()
     framework = facts["framework"]
     determinism = facts["determinism"]
     tf_build = framework.get("tf_build") or {}
     model_json = info.to_json()
+    for key, value in (loaded.get("file_metadata") or {}).items():
+        if model_json.get(key) is None and value is not None:  # legacy HDF5: only h5py reads it
+            model_json[key] = value
     model_json["inputs"] = specs
     model_json["outputs"] = [{"name": k, "shape": list(v.shape[1:]), "dtype": str(v.dtype)}
                              for k, v in outputs.items()]

@@ -101,6 +101,9 @@ class WorkerClient:
             except OSError:
                 pass
 
+    def alive(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
     @property
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None else None

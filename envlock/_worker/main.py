@@ -8,6 +8,7 @@ that nothing the framework prints can corrupt the protocol.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sys
@@ -60,12 +61,25 @@ class Worker:
                 "import_seconds": time.time() - t0}
 
     def op_load(self, args):  # type: ignore[no-untyped-def]
-        from .model import custom_objects, input_specs, load_model, read_file_config, static_findings
+        from .model import (
+            custom_objects,
+            file_metadata,
+            input_specs,
+            load_model,
+            read_file_config,
+            static_findings,
+        )
         custom = {}
         for name, (module, attr) in (args.get("custom_objects") or {}).items():
             import importlib
             custom[name] = getattr(importlib.import_module(module), attr)
         t0 = time.time()
+        if self.model is not None:
+            # A reused worker: forget the last model, so this load sees a fresh session.
+            from .framework import import_keras
+            self.model = None
+            with contextlib.suppress(Exception):
+                import_keras().backend.clear_session()
         self.path = args["path"]
         if args.get("import_config_modules"):
             # Keras resolves custom objects by registered name; registration happens when their
@@ -81,6 +95,7 @@ class Worker:
             "inputs": self.specs,
             "custom_objects": custom_objects(self.model, self.config),
             "static_findings": static_findings(self.model),
+            "file_metadata": file_metadata(self.path),
         }
 
     def op_facts(self, args):  # type: ignore[no-untyped-def]
