@@ -343,20 +343,6 @@ def test_offline_save_succeeds_and_lists_packages_without_hashes(tiny_project: P
     assert manifest_of(tmp_path / "model.keras")["packages"]["complete"] is False
 
 
-SCRIPT_LAYER = r'''
-import keras, numpy as np
-
-@keras.saving.register_keras_serializable(package="demo")
-class Gain(keras.layers.Layer):
-    def build(self, input_shape):
-        self.g = self.add_weight(shape=(input_shape[-1],), initializer="ones", name="g")
-    def call(self, x):
-        return x * self.g
-
-inp = keras.Input((3,), name="x")
-keras.Model(inp, Gain(name="gain")(inp)).save("script.keras")
-'''
-
 REGISTERING_MODULE = r'''
 import keras
 
@@ -366,6 +352,12 @@ class Gain(keras.layers.Layer):
         self.g = self.add_weight(shape=(input_shape[-1],), initializer="ones", name="g")
     def call(self, x):
         return x * self.g
+'''
+
+# The same class, defined in a script: Keras records its module as __main__.
+SCRIPT_LAYER = REGISTERING_MODULE + r'''
+inp = keras.Input((3,), name="x")
+keras.Model(inp, Gain(name="gain")(inp)).save("script.keras")
 '''
 
 
