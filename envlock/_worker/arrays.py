@@ -86,8 +86,8 @@ def check_shapes(shapes, specs) -> None:  # type: ignore[no-untyped-def]
         want = spec["shape"]
         if len(shape) != len(want) or any(
                 w is not None and w != g for w, g in zip(want[1:], shape[1:])):
-            raise WorkerFailure("input %s has shape %s; the model expects %s" % (
-                spec["name"], tuple(shape), tuple("None" if d is None else d for d in want)),
+            raise WorkerFailure("input %s has shape %s; the model expects (%s)" % (
+                spec["name"], tuple(shape), ", ".join("None" if d is None else str(d) for d in want)),
                 kind="input")
         target = np.dtype(spec["dtype"]) if spec["dtype"] not in ("string", "str") else None
         if target is not None and not np.can_cast(dtype, target, casting="same_kind"):
