@@ -102,6 +102,11 @@ def _walk_config(node, found):  # type: ignore[no-untyped-def]
             key = ("<registered>", cfg)
             if found.get(key) is None:
                 found[key] = cfg
+        elif isinstance(cls, str) and ">" in cls and "module" not in node:
+            # tf.keras (Keras 2) writes a registered class by its registered name alone.
+            key = ("<registered>", cls)
+            if found.get(key) is None:
+                found[key] = cls
         elif isinstance(cls, str) and isinstance(module, str) and not is_builtin(module) \
                 and not cls.startswith("__"):
             name = node.get("config") if cls == "function" else cls
@@ -129,18 +134,64 @@ def read_file_config(path: str):  # type: ignore[no-untyped-def]
                 if raw is None:
                     return None
                 return json.loads(raw.decode() if isinstance(raw, bytes) else raw)
-        meta = os.path.join(path, "keras_metadata.pb")
-        if os.path.exists(meta):
-            with open(meta, "rb") as fh:
-                data = fh.read()
-            start = data.find(b'{"class_name"')
-            if start >= 0:
-                dec = json.JSONDecoder()
-                obj, _ = dec.raw_decode(data[start:].decode("utf-8", "replace"))
-                return obj
+        meta = _savedmodel_root_metadata(path)
+        if meta is not None:
+            return meta.get("model_config")
     except Exception:
         return None
     return None
+
+
+def _savedmodel_root_metadata(path: str):  # type: ignore[no-untyped-def]
+    """The root object's JSON in a tf.keras SavedModel's keras_metadata.pb (the one holding
+    ``model_config`` and ``keras_version``), read without protobuf: every node's metadata is
+    a JSON string, and the root's comes first."""
+    meta = os.path.join(path, "keras_metadata.pb")
+    if not os.path.exists(meta):
+        return None
+    with open(meta, "rb") as fh:
+        text = fh.read().decode("utf-8", "replace")
+    dec = json.JSONDecoder()
+    i = text.find('{"')
+    while i >= 0:
+        try:
+            obj, end = dec.raw_decode(text, i)
+        except ValueError:
+            i = text.find('{"', i + 1)
+            continue
+        if isinstance(obj, dict) and isinstance(obj.get("model_config"), dict):
+            return obj
+        i = text.find('{"', end)
+    return None
+
+
+def file_metadata(path: str):  # type: ignore[no-untyped-def]
+    """Keras version and backend as the file records them. Legacy HDF5 files store them as
+    variable-length strings, which only an HDF5 reader finds (the host reads no HDF5)."""
+    found = {"keras_version": None, "backend": None}
+    fmt = model_format(path)
+    try:
+        if fmt == "keras":
+            with zipfile.ZipFile(path) as zf:
+                if "metadata.json" in zf.namelist():
+                    found.update({k: v for k, v in json.loads(zf.read("metadata.json")).items()
+                                  if k in found})
+        elif fmt == "h5":
+            import h5py  # type: ignore
+            with h5py.File(path, "r") as f:
+                for key in found:
+                    value = f.attrs.get(key)
+                    if isinstance(value, bytes):
+                        value = value.decode("utf-8", "replace")
+                    if value is not None:
+                        found[key] = str(value)
+        else:
+            meta = _savedmodel_root_metadata(path)
+            if meta is not None:
+                found.update({k: meta.get(k) for k in found if meta.get(k) is not None})
+    except Exception:
+        pass
+    return found
 
 
 def _site_dirs():  # type: ignore[no-untyped-def]
@@ -385,7 +436,11 @@ def stored_weights(path: str) -> list:  # type: ignore[type-arg]
         prefix = os.path.join(path, "variables", "variables")
         reader = tf.train.load_checkpoint(prefix)
         for key in sorted(reader.get_variable_to_shape_map()):
-            if not key.endswith(".ATTRIBUTES/VARIABLE_VALUE") or "optimizer" in key.split("/")[0]:
+            # Neither the optimizer's state nor compiled metrics' counters (keras_api/metrics/...)
+            # are part of what the model computes.
+            top = key.split("/")[0]
+            if not key.endswith(".ATTRIBUTES/VARIABLE_VALUE") or "optimizer" in top \
+                    or key.startswith("keras_api/metrics/"):
                 continue
             parts = key.split("/")
             layer = parts[-3] if len(parts) >= 3 else key
