@@ -8,24 +8,32 @@ diagnose() with the manifest.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform as _platform
-from concurrent.futures import ThreadPoolExecutor
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from envlock.compare import IDENTICAL, MISMATCH, WITHIN_TOLERANCE, OutputComparison, compare_outputs, \
-    overall_status
+from envlock.compare import (
+    IDENTICAL,
+    MISMATCH,
+    WITHIN_TOLERANCE,
+    OutputComparison,
+    compare_outputs,
+    overall_status,
+)
 from envlock.diagnose import Finding, Observed, diagnose
 from envlock.envcache import locked_pins
 from envlock.errors import WorkerError
 from envlock.gpu import gpu_facts
 from envlock.hostfacts import platform_facts
 from envlock.modelfile import file_sha256, tree_sha256
-from envlock.running import ModelSession
+from envlock.running import ModelSession, resolve_environment
 
 CHECK_SCHEMA = "envlock.check/1"
 ERROR = "error"  # the model could not be loaded or run on the target
@@ -76,8 +84,12 @@ def check(model: str | os.PathLike[str], *, atol: float | None = None, rtol: flo
           **session_kwargs: Any) -> CheckResult:
     """Check a saved model on this machine (in the locked environment unless strategy says)."""
     path = Path(model)
-    current = session_kwargs.get("strategy") == "current"
-    session_kwargs.update(verify_model_file=False, code_first=not current, skip_untrusted_code=True)
+    requested = session_kwargs.get("strategy", "auto")
+    # check observes a changed model file, the user's own code and untrusted code, and explains
+    # them, where run refuses them. With --strategy current the user's modules come first: the
+    # question is how *this* environment computes.
+    session_kwargs.update(verify_model_file=False, code_first=requested != "current",
+                          skip_untrusted_code=True)
     session = ModelSession(path, **session_kwargs)
     m = session.sidecar.manifest
     tol = dict(m["probe"]["tolerance"])
@@ -87,14 +99,24 @@ def check(model: str | os.PathLike[str], *, atol: float | None = None, rtol: flo
         tol["rtol"] = rtol
     locked = locked_pins(session.sidecar.file("requirements.lock.txt").read_text())
     obs = Observed(model_sha256=_model_sha(path))
-    pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="envlock-check")
+    pool = ThreadPoolExecutor(max_workers=3, thread_name_prefix="envlock-check")
     gpu_f = pool.submit(gpu_facts)
     plat_f = pool.submit(platform_facts)
     outputs: list[OutputComparison] = []
     status = ERROR
     error: str | None = None
+    fresh_f: Future[dict[str, np.ndarray] | None] | None = None
+    t0 = time.perf_counter()
     try:
         try:
+            # Resolve (and build) the environment once, then start both workers together: the
+            # second, fresh one imports the framework while the first is being questioned.
+            resolved = resolve_environment(
+                session.sidecar, settings=session.settings, strategy=requested,
+                allow_python_download=session.allow_python_download, find_links=session.find_links,
+                on_event=session_kwargs.get("on_build_event"))
+            session.strategy = resolved.strategy
+            fresh_f = pool.submit(_fresh_replay, session)
             session.open()
             client = session.client
             assert client is not None
@@ -112,13 +134,11 @@ def check(model: str | os.PathLike[str], *, atol: float | None = None, rtol: flo
             obs.in_process_equal = _bitwise(first, second)
             outputs = compare_outputs(reference, first, atol=float(tol["atol"]), rtol=float(tol["rtol"]))
             status = overall_status(outputs)
-            fresh = _fresh_replay(session)
+            fresh = fresh_f.result()
             obs.cross_process_equal = _bitwise(first, fresh) if fresh is not None else None
         except WorkerError as exc:
             error = str(exc)
             obs.load_error = {"message": str(exc), "cause": exc.cause}
-            if obs.python is None:
-                obs.python = None
         obs.custom_modules = frozenset(
             str(c.get("module", "")).split(".")[0].replace("_", "-") for c in m.get("custom_objects", []))
         obs.gpu = gpu_f.result()
@@ -126,15 +146,21 @@ def check(model: str | os.PathLike[str], *, atol: float | None = None, rtol: flo
         if obs.python is None and session.resolved is not None and session.resolved.strategy == "current":
             obs.python = {"version": _platform.python_version()}
     finally:
+        if fresh_f is not None:
+            # Its worker is closed by the thread itself; wait so that none outlives check().
+            with contextlib.suppress(Exception):
+                fresh_f.result()
         pool.shutdown(wait=False)
-        resolved = session.resolved
+        resolved_env = session.resolved
         session.close()
+    seconds = dict(session.seconds)
+    seconds["total"] = time.perf_counter() - t0
     findings, notes = diagnose(m, locked, obs, mismatch=status in (MISMATCH, ERROR))
     return CheckResult(
         model=path, status=status, outputs=tuple(outputs), findings=tuple(findings), notes=tuple(notes),
-        strategy=resolved.strategy if resolved else None,
-        python=str(resolved.python) if resolved else None, tolerance=tol, error=error,
-        seconds=dict(session.seconds),
+        strategy=resolved_env.strategy if resolved_env else None,
+        python=str(resolved_env.python) if resolved_env else None, tolerance=tol, error=error,
+        seconds=seconds,
     )
 
 
@@ -143,7 +169,10 @@ def _bitwise(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> bool:
 
 
 def _fresh_replay(first: ModelSession) -> dict[str, np.ndarray] | None:
-    """The probe once more in a second, fresh worker of the same environment."""
+    """The probe once more in a second, fresh worker of the same (already resolved) environment.
+
+    None when that worker cannot load the model: the first one's error says why.
+    """
     second = ModelSession(first.model, settings=first.settings, strategy=first.strategy,
                           use_recorded_env=first.use_recorded_env, trust_code=first.trust_code,
                           unsafe=first.unsafe, timeout=first.timeout, find_links=first.find_links,
