@@ -26,9 +26,8 @@ from envlock.compare import IDENTICAL, MISMATCH, OutputComparison, compare_outpu
 from envlock.envcache import EnvCache, EnvSpec, default_platform_tag, locked_pins, satisfies
 from envlock.errors import BadInputError, EnvironmentBuildError, InputArrayError, MismatchError
 from envlock.modelfile import inspect_model
-from envlock.saving import MAIN_MODULE
 from envlock.settings import Settings
-from envlock.sidecar import Sidecar, read_sidecar
+from envlock.sidecar import MAIN_MODULE, Sidecar, read_sidecar  # not via saving: 60 ms of start-up
 from envlock.trust import is_trusted, trust
 from envlock.worker import WorkerClient
 

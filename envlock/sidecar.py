@@ -24,6 +24,8 @@ from envlock.errors import SidecarError
 from envlock.modelfile import file_sha256, sidecar_path
 
 MANIFEST = "envlock.json"
+# The module, in code/, holding custom objects that were defined in the __main__ script.
+MAIN_MODULE = "__envlock_main__"
 SCHEMA_VERSION = 1
 SCHEMA_NAME = "envlock.manifest"
 
