@@ -11,7 +11,7 @@ kept apart as ``notes``.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 # Cause codes and their prior likelihood of explaining a mismatch (higher first).
@@ -103,6 +103,14 @@ class _Collector:
             return
         self.items.append(Finding(code, summary, recorded, current, fix, PRIORS[code] + bonus,
                                   details=details))
+
+    def has(self, code: str) -> bool:
+        return any(f.code == code for f in self.items)
+
+    def annotate(self, code: str, **details: Any) -> None:
+        """Add evidence to a finding already made (findings are frozen: replaced)."""
+        self.items = [replace(f, details={**f.details, **details}) if f.code == code else f
+                      for f in self.items]
 
     def ranked(self) -> list[Finding]:
         order = sorted(self.items, key=lambda f: -f.score)
@@ -247,8 +255,9 @@ def _determinism(m: Mapping[str, Any], o: Observed, c: _Collector, on_gpu: bool)
               {"jit": rec.get("jit"), **{k: renv.get(k) for k in xla_keys}},
               {"jit": cur.get("jit"), **{k: cenv.get(k) for k in xla_keys}},
               "use the recorded XLA settings (unset TF_XLA_FLAGS / tf.config.optimizer.set_jit(False))")
+    rec_ops = renv.get("TF_DETERMINISTIC_OPS")
     if (rec.get("op_determinism") and not cur.get("op_determinism")) or \
-            (renv.get("TF_DETERMINISTIC_OPS") and renv.get("TF_DETERMINISTIC_OPS") != cenv.get("TF_DETERMINISTIC_OPS")):
+            (rec_ops and rec_ops != cenv.get("TF_DETERMINISTIC_OPS")):
         c.add("op_determinism_off", "op determinism was on at save and is off here",
               rec.get("op_determinism"), cur.get("op_determinism"),
               "tf.config.experimental.enable_op_determinism() (envlock run applies it)")
@@ -265,10 +274,20 @@ def _determinism(m: Mapping[str, Any], o: Observed, c: _Collector, on_gpu: bool)
 def _hardware(m: Mapping[str, Any], o: Observed, c: _Collector) -> bool:
     rgpus = [g.get("name") for g in ((m.get("gpu") or {}).get("gpus") or [])]
     cgpus = [g.get("name") for g in ((o.gpu or {}).get("gpus") or [])] if o.gpu is not None else None
+    # A GPU the framework did not see (a CPU-only build, CUDA_VISIBLE_DEVICES="") computed
+    # nothing: when the model ran on the CPU at save and here, the GPUs and their CUDA stack
+    # are unlikely causes, and the CPU is the likelier one.
+    rseen = (m.get("framework") or {}).get("gpus_visible")
+    cseen = (o.framework or {}).get("gpus_visible")
+    cpu_only = isinstance(rseen, list) and isinstance(cseen, list) and not rseen and not cseen
+    unused = -25 if cpu_only else 0
     if cgpus is not None and rgpus != cgpus:
-        c.add("gpu_differs", f"GPU {', '.join(cgpus) or 'none'} here, {', '.join(rgpus) or 'none'} at save",
+        here, then = ", ".join(cgpus) or "none", ", ".join(rgpus) or "none"
+        idle = "; the framework used none of them (it ran on the CPU at save and here)" if cpu_only else ""
+        c.add("gpu_differs", f"GPU {here} here, {then} at save{idle}",
               rgpus, cgpus, "kernels differ between GPU models (and between GPU and CPU); compare "
-              "within tolerance, or run on the recorded GPU", bonus=5 if (rgpus or cgpus) else 0)
+              "within tolerance, or run on the recorded GPU",
+              bonus=(5 if (rgpus or cgpus) else 0) + unused, framework_used_gpu=not cpu_only)
     rcuda = m.get("cuda") or {}
     rec_c = (rcuda.get("cuda_version"), rcuda.get("cudnn_version"),
              (m.get("gpu") or {}).get("cuda_driver_version"))
@@ -280,7 +299,7 @@ def _hardware(m: Mapping[str, Any], o: Observed, c: _Collector) -> bool:
               dict(zip(("cuda", "cudnn", "driver_cuda"), rec_c)),
               dict(zip(("cuda", "cudnn", "driver_cuda"), cur_c)),
               "use the recorded CUDA stack (the nvidia-* wheels are in the lock; the driver must "
-              "support its CUDA version)")
+              "support its CUDA version)", bonus=unused, framework_used_gpu=not cpu_only)
     rcpu = ((m.get("platform") or {}).get("cpu") or {})
     ccpu = ((o.platform or {}).get("cpu") or {}) if o.platform is not None else None
     if ccpu is not None and rcpu:
@@ -292,16 +311,23 @@ def _hardware(m: Mapping[str, Any], o: Observed, c: _Collector) -> bool:
                   "oneDNN and Eigen pick kernels by CPU features (AVX-512, AMX): compare within "
                   "tolerance, or set TF_ENABLE_ONEDNN_OPTS=0 at save and run",
                   bonus=6 if rflags != cflags else 0)
-    return bool(rgpus or cgpus)
+    return bool(rgpus or cgpus) and not cpu_only
 
 
 def _randomness(m: Mapping[str, Any], o: Observed, c: _Collector) -> None:
     for s in [*(m.get("static_findings") or []), *o.static_findings]:
         if s.get("code") == "random_layers_active":
-            c.add("random_layers_active", f"layer {s.get('layer')} is random at inference: {s.get('evidence')}",
-                  None, s.get("layer"), "call random layers with training=False at inference, or "
-                  "remove them from the exported model")
+            c.add("random_layers_active",
+                  f"layer {s.get('layer')} is random at inference: {s.get('evidence')}", None,
+                  s.get("layer"), "call random layers with training=False at inference, or remove "
+                  "them from the exported model")
     rec_equal = (m.get("probe") or {}).get("repeat_bitwise_equal")
+    if o.cross_process_equal is False and o.in_process_equal is not False and rec_equal is not False \
+            and c.has("weights_not_restored"):
+        # Weights that are not restored are initialised anew by every load: that is why a fresh
+        # process differs, and not a second cause.
+        c.annotate("weights_not_restored", fresh_process_differs=True)
+        return
     if o.in_process_equal is False or o.cross_process_equal is False or rec_equal is False:
         where = []
         if o.in_process_equal is False:

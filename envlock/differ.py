@@ -77,8 +77,8 @@ def diff(model: str | os.PathLike[str], *, python: str | os.PathLike[str] | None
     for name in sorted(set(locked) | set(current)):
         if name in _NOT_RUNTIME or locked.get(name) == current.get(name):
             continue
-        changes.append(PackageChange(name, locked.get(name), current.get(name),
-                                     name in NUMERIC_PACKAGES or name.startswith("nvidia-") or name in custom))
+        matters = name in NUMERIC_PACKAGES or name.startswith("nvidia-") or name in custom
+        changes.append(PackageChange(name, locked.get(name), current.get(name), matters))
     changes.sort(key=lambda c: (not c.matters, c.name))
 
     obs = Observed(packages=current, platform=platform_facts(), gpu=gpu_facts(),
