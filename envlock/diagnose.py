@@ -107,10 +107,10 @@ class _Collector:
     def has(self, code: str) -> bool:
         return any(f.code == code for f in self.items)
 
-    def annotate(self, code: str, **details: Any) -> None:
+    def annotate(self, code: str, also: str, **details: Any) -> None:
         """Add evidence to a finding already made (findings are frozen: replaced)."""
-        self.items = [replace(f, details={**f.details, **details}) if f.code == code else f
-                      for f in self.items]
+        self.items = [replace(f, summary=f"{f.summary}; {also}", details={**f.details, **details})
+                      if f.code == code else f for f in self.items]
 
     def ranked(self) -> list[Finding]:
         order = sorted(self.items, key=lambda f: -f.score)
@@ -326,7 +326,8 @@ def _randomness(m: Mapping[str, Any], o: Observed, c: _Collector) -> None:
             and c.has("weights_not_restored"):
         # Weights that are not restored are initialised anew by every load: that is why a fresh
         # process differs, and not a second cause.
-        c.annotate("weights_not_restored", fresh_process_differs=True)
+        c.annotate("weights_not_restored", "they are drawn anew at every load, so a fresh process "
+                   "gives other outputs", fresh_process_differs=True)
         return
     if o.in_process_equal is False or o.cross_process_equal is False or rec_equal is False:
         where = []

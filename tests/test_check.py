@@ -219,6 +219,7 @@ def test_weights_not_restored(tmp_path: Path) -> None:
     # Every load draws the forgotten weights anew, so a fresh process differs too: explained by
     # this cause, not a second one (nondeterministic_model).
     assert details["fresh_process_differs"] is True
+    assert "a fresh process gives other outputs" in finding(doc, "weights_not_restored")["summary"]
 
 
 def test_custom_object_missing(project: Path, tmp_path: Path) -> None:
