@@ -200,6 +200,7 @@ def test_model_file_changed(project: Path) -> None:
     assert doc["status"] == "mismatch"
     assert causes(doc) == ["model_file_changed"]
     f = finding(doc, "model_file_changed")
+    assert set(f) == FINDING_KEYS and set(f["evidence"]) == {"recorded", "current"}
     manifest = json.loads((project.parent / "model.keras.envlock" / "envlock.json").read_text())
     assert f["evidence"]["recorded"] == manifest["model"]["sha256"] != f["evidence"]["current"]
 
