@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
+if TYPE_CHECKING:  # imported when used: `envlock env` loads this module but never compares
+    import numpy as np
 
 IDENTICAL = "identical"
 WITHIN_TOLERANCE = "within_tolerance"
@@ -36,6 +37,8 @@ class OutputComparison:
 
 def compare_output(name: str, ref: np.ndarray, got: np.ndarray | None, *, atol: float,
                    rtol: float) -> OutputComparison:
+    import numpy as np
+
     if got is None:
         return OutputComparison(name, MISMATCH, float("inf"), float("inf"), 1.0, None,
                                 tuple(ref.shape), None, "output missing")

@@ -15,13 +15,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from envlock import proc
 from envlock._worker.framework import ENV_VARS
-from envlock.arrayfiles import check_input_file, save_npz
 from envlock.compare import IDENTICAL, MISMATCH, OutputComparison, compare_outputs, overall_status
 from envlock.envcache import EnvCache, EnvSpec, default_platform_tag, locked_pins, satisfies
 from envlock.errors import BadInputError, EnvironmentBuildError, InputArrayError, MismatchError
@@ -30,6 +27,9 @@ from envlock.settings import Settings
 from envlock.sidecar import MAIN_MODULE, Sidecar, read_sidecar  # not via saving: 60 ms of start-up
 from envlock.trust import is_trusted, trust
 from envlock.worker import WorkerClient
+
+if TYPE_CHECKING:  # numpy is imported where arrays are handled: `envlock env` never needs it
+    import numpy as np
 
 STRATEGIES = ("auto", "current", "venv", "conda")
 Stage = Callable[[str], None]
@@ -274,12 +274,18 @@ class ModelSession:
 
     # -- work ------------------------------------------------------------------------------
     def probe_arrays(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        import numpy as np
+
         with np.load(self.sidecar.file("probe.npz"), allow_pickle=False) as npz:
             inputs = {k[len("input__"):]: npz[k] for k in npz.files if k.startswith("input__")}
             outputs = {k[len("output__"):]: npz[k] for k in npz.files if k.startswith("output__")}
         return inputs, outputs
 
     def replay_probe(self, tag: str = "probe") -> dict[str, np.ndarray]:
+        import numpy as np
+
+        from envlock.arrayfiles import save_npz
+
         client = self._need()
         inputs, _ = self.probe_arrays()
         pin = self._tmp / f"{tag}-in.npz"
@@ -322,6 +328,10 @@ class ModelSession:
 
     def predict(self, x: np.ndarray | Mapping[str, np.ndarray], *, batch_size: int = 32) -> Any:
         """Predict in-memory arrays (through files, never the pipe)."""
+        import numpy as np
+
+        from envlock.arrayfiles import check_input_file, save_npz
+
         specs = self.specs
         arrays = dict(x) if isinstance(x, Mapping) else {specs[0]["name"]: x}
         pin = self._tmp / "api-in.npz"
@@ -346,6 +356,8 @@ def run(model: str | os.PathLike[str], input_path: str | os.PathLike[str], *,
         output: str | os.PathLike[str] | None = None, batch_size: int = 32, validate: bool = True,
         on_progress: Progress | None = None, **session_kwargs: Any) -> RunResult:
     """Validate on this hardware, then predict ``input_path`` into ``output``."""
+    from envlock.arrayfiles import check_input_file
+
     inp = Path(input_path)
     session = ModelSession(model, **session_kwargs)
     try:
