@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 import envlock
-from envlock.errors import EXIT_BAD_INPUT, EnvlockError
+from envlock.errors import EXIT_BAD_INPUT, EXIT_MISMATCH, EXIT_WORKER, EnvlockError
 
 EXIT_INTERRUPTED = 130
 
@@ -309,7 +309,8 @@ def cmd_check(args: argparse.Namespace, out: Out) -> int:
     from envlock.checking import check
 
     result = check(args.model, atol=args.atol, rtol=args.rtol, **_session_kwargs(args, out))
-    code = 0 if result.ok else 1
+    # A model that does not load is a worker failure (exit 4), with the report all the same.
+    code = 0 if result.ok else EXIT_WORKER if result.status == "error" else EXIT_MISMATCH
     if out.json:
         out.emit_json(result.to_json())
         return code

@@ -69,7 +69,8 @@ def check_json(model: Path, *args: str, cwd: Path | None = None, **kwargs: Any) 
     assert "Traceback" not in res.stderr, res.stderr
     doc = json.loads(res.stdout)
     assert doc["schema"] == "envlock.check/1"
-    want = 0 if doc["status"] in ("identical", "within_tolerance") else 1
+    # DESIGN: 0 identical/within tolerance, 1 mismatch, 4 the worker could not load or run it.
+    want = {"identical": 0, "within_tolerance": 0, "mismatch": 1, "error": 4}[doc["status"]]
     assert res.returncode == want, (res.returncode, doc["status"], res.stderr[-2000:])
     return doc
 
