@@ -440,8 +440,16 @@ class EnvCache:
     def ensure(self, spec: EnvSpec, *, progress: Progress | None = None,
                lock_timeout: float | None = None) -> Env:
         """The environment for ``spec``: found (last use recorded) or built, all or nothing."""
-        final = self.path_for(spec.key)
-        lock = self._lock(spec.key)
+        return self.ensure_key(spec.key, lambda final: self._build(spec, final, progress),
+                               progress=progress, lock_timeout=lock_timeout)
+
+    def ensure_key(self, key: str, build: Callable[[Path], Env], *, progress: Progress | None = None,
+                   lock_timeout: float | None = None) -> Env:
+        """The environment for ``key``: found (last use recorded), or made by ``build(final)``
+        under the key's lock, leftovers of earlier builds removed first. ``build`` must leave
+        ``final`` complete or not at all (:meth:`build_into` does that)."""
+        final = self.path_for(key)
+        lock = self._lock(key)
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             lock.acquire(timeout=0)
@@ -456,22 +464,49 @@ class EnvCache:
                 ) from None
         except OSError as exc:
             # A read-only cache (baked into an image, say) can still serve what it holds.
-            found = self.find(spec.key)
+            found = self.find(key)
             if found is not None:
                 return found
             raise EnvironmentBuildError(f"cannot write to the environment cache {self.root}: {exc}",
                                         hint="set ENVLOCK_HOME to a writable folder") from exc
         try:
-            doc = self._read_marker(spec.key)
+            doc = self._read_marker(key)
             if doc is not None:
                 doc = {**doc, "last_used": _iso(_now())}
                 with contextlib.suppress(OSError):  # a read-only cache still works
                     _write_json_atomic(final / MARKER, doc)
-                return Env(path=final, python=env_python(final), key=spec.key)
-            self._remove_leftovers(spec.key, progress)
-            return self._build(spec, final, progress)
+                return Env(path=final, python=env_python(final), key=key)
+            self._remove_leftovers(key, progress)
+            return build(final)
         finally:
             lock.release()
+
+    def build_into(self, key: str, fill: Callable[[Path], Mapping[str, object]], *,
+                   in_place: bool = False, progress: Progress | None = None) -> Env:
+        """Build ``key`` all or nothing, from inside an :meth:`ensure_key` builder (so under
+        the key's lock): ``fill(where)`` creates and fills ``where`` and returns the marker
+        fields describing what it holds; the marker is written last, then ``where`` is renamed
+        to the key's folder. ``in_place`` builds in the key's folder itself, for installers
+        whose files must name their final path (conda writes its prefix into files while it
+        links): the folder only counts once the marker is in, and a build cut short is
+        removed by the next ``ensure`` or ``gc`` like any leftover.
+        """
+        started = time.monotonic()
+        final = self.path_for(key)
+        where = final if in_place else self.root / f"{_TMP_PREFIX}{key}-{secrets.token_hex(4)}"
+        try:
+            fields = dict(fill(where))
+            now = _iso(_now())
+            marker = {"schema": MARKER_SCHEMA, **fields, "key": key, "envlock": envlock.__version__,
+                      "created": now, "last_used": now, "size": _tree_size(where)}
+            _write_json_atomic(where / MARKER, marker)
+            if not in_place:
+                os.rename(where, final)
+        except BaseException:
+            self._discard(where)
+            raise
+        _emit(progress, "done", f"built {final} in {time.monotonic() - started:.1f}s")
+        return Env(path=final, python=env_python(final), key=key, built=True)
 
     def _remove_leftovers(self, key: str, progress: Progress | None) -> None:
         """Under the key's lock no envlock writes to a folder of this key; what is there is left

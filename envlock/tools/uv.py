@@ -181,6 +181,46 @@ def pip_sync(
     )
 
 
+def pip_install(
+    uv: Path,
+    python: Path,
+    requirements_path: Path,
+    *,
+    require_hashes: bool,
+    index_urls: Sequence[str] = (),
+    find_links: Sequence[Path | str] = (),
+    offline: bool = False,
+    no_index: bool = False,
+    on_line: Callable[[str], None] | None = None,
+) -> None:
+    """Add exactly what ``requirements_path`` pins to the environment of ``python``, with
+    ``--no-deps`` and without removing anything: for the pip part of a conda environment,
+    where ``pip sync`` would take out what conda installed. Index options as in :func:`pip_sync`.
+    """
+    requirements_path = requirements_path.absolute()
+    argv: list[str | os.PathLike[str]] = [
+        uv, "pip", "install", "--no-config", "--no-python-downloads", "--color", "never",
+        "--python", python, "--no-deps",
+    ]
+    if require_hashes:
+        argv.append("--require-hashes")
+    if no_index:
+        argv.append("--no-index")
+    elif index_urls:
+        argv += ["--index-url", index_urls[0]]
+        for extra in index_urls[1:]:
+            argv += ["--extra-index-url", extra]
+        if len(index_urls) > 1 and require_hashes:
+            argv += ["--index-strategy", "unsafe-best-match"]
+    for link in find_links:
+        argv += ["--find-links", _link(link)]
+    if offline:
+        argv.append("--offline")
+    argv += ["-r", requirements_path]
+    proc.run(argv, env=uv_env(), cwd=requirements_path.parent,
+             what=f"uv could not install {requirements_path.name}", on_stderr_line=on_line)
+
+
 def python_find(uv: Path, version: str) -> Path | None:
     """uv's own interpreter discovery for ``version``; None when uv finds none.
 
