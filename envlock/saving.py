@@ -428,10 +428,19 @@ def _write(path: Path, info: ModelInfo, settings: Settings, options: SaveOptions
     probe_arrays.update({f"output__{k}": v for k, v in outputs.items()})
     files["probe.npz"] = _npz_bytes(probe_arrays)
 
+    conda = None
+    if (Path(sys.prefix) / "conda-meta").is_dir():
+        from envlock import condalock  # only inside conda
+
+        conda = condalock.capture(Path(sys.prefix), dists, packages)
+        files[condalock.LOCKFILE] = conda.text.encode()
+    # What conda installed is locked by conda-lock.yml, whatever its PEP 610 record says.
+    by_conda = set(conda.manifest["conda_owned_distributions"]) if conda else set()
     python = host["python"]
-    missing = tuple(p.name for p in packages if p.kind == "index" and not p.files)
+    missing = tuple(p.name for p in packages if p.kind == "index" and not p.files and p.name not in by_conda)
     risks = tuple({"name": p.name, "version": p.version, "kind": p.kind,
-                   "url": (p.direct_url or {}).get("url")} for p in packages if p.kind != "index")
+                   "url": (p.direct_url or {}).get("url")} for p in packages
+                  if p.kind != "index" and p.name not in by_conda)
     if missing:
         warnings.append(f"no sha256 from the index for {len(missing)} package(s): {', '.join(missing[:8])}"
                         + (" …" if len(missing) > 8 else "") + " (offline, or not on the index)")
@@ -497,6 +506,8 @@ def _write(path: Path, info: ModelInfo, settings: Settings, options: SaveOptions
         "static_findings": loaded.get("static_findings", []),
         "warnings": warnings,
     }
+    if conda is not None:
+        manifest["conda"] = conda.manifest
     files["REPRODUCE.md"] = _reproduce(path, manifest).encode()
     sc = write_sidecar(path, manifest, files)
     trust(settings, sc, reason="saved on this machine")
@@ -527,5 +538,5 @@ def _reproduce(path: Path, manifest: dict[str, Any]) -> str:
         framework=manifest["framework"], cuda=manifest["cuda"], gpus=manifest["gpu"].get("gpus") or [],
         packages=manifest["packages"], determinism=manifest["determinism"],
         custom_objects=manifest["custom_objects"], probe=manifest["probe"],
-        sidecar_name=sidecar_path(path).name, env_exports=exports, conda=False,
+        sidecar_name=sidecar_path(path).name, env_exports=exports, conda="conda" in manifest,
     )

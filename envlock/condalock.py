@@ -1,0 +1,723 @@
+"""``conda-lock.yml`` from a conda environment's ``conda-meta/``, and what is rendered from it.
+
+**Capture.** A conda environment records every package it holds in ``conda-meta/*.json``
+(url, md5, sha256, depends, channel, the files it installed): that *is* the solution, so no
+solver is run. Distributions that pip (or uv) installed on top are told apart by ownership: a
+``.dist-info`` folder listed in a conda record's ``files`` is conda's, anything else on the
+interpreter's path is pip's and goes in as a ``manager: pip`` entry with the sha256 of the
+wheel that was installed (the one whose tags match the installed ``WHEEL`` file).
+
+**Format.** conda-lock's unified lock file, version 1 (``conda_lock/lockfile/v1/models.py``:
+``version``, ``metadata`` with ``content_hash``, ``channels``, ``platforms``, ``sources``, and one
+``package`` entry per package and platform). That model forbids extra keys, and it has no room
+for what conda-lock gets back from the archive at install time (``noarch``, ``build_number``,
+``constrains``, timestamps); a rebuild without conda needs those, so they travel in the
+manifest's ``conda.records`` (keyed by file name), which the sidecar's integrity check covers
+like the lock file itself.
+
+**YAML without a YAML library.** envlock's core depends on no YAML package, so the file is
+written by a small emitter (block style; a string that could read as anything but itself is
+written JSON-quoted, which YAML reads as a double-quoted scalar) and read back by a reader for
+exactly that subset. Both ``yaml.safe_load`` and conda-lock's own parser read the result (a
+test checks it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform as _platform
+import re
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+from packaging.markers import InvalidMarker
+from packaging.requirements import InvalidRequirement, Requirement
+from packaging.tags import Tag, parse_tag, sys_tags
+from packaging.utils import InvalidWheelFilename, canonicalize_name, parse_wheel_filename
+
+from envlock import templating
+from envlock.errors import BadInputError, EnvironmentBuildError, SidecarError
+from envlock.lockfiles import LockedPackage
+
+LOCKFILE = "conda-lock.yml"
+LOCK_VERSION = 1
+# Fields of a conda-meta record that describe this installation, not the package.
+_INSTALL_FIELDS = frozenset({
+    "files", "paths_data", "link", "extracted_package_dir", "package_tarball_full_path",
+    "requested_spec", "requested_specs", "installed_system_menus", "auth", "preferred_env",
+})
+_ANACONDA_ORG = "https://conda.anaconda.org/"
+_SUBDIRS = frozenset({
+    "noarch", "linux-64", "linux-32", "linux-aarch64", "linux-armv6l", "linux-armv7l",
+    "linux-ppc64le", "linux-ppc64", "linux-s390x", "linux-riscv64", "osx-64", "osx-arm64",
+    "win-64", "win-32", "win-arm64", "zos-z", "emscripten-wasm32", "wasi-wasm32",
+})
+
+
+# --- values ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CondaPackage:
+    """One conda package as locked. ``record`` holds the package's index fields (what
+    ``info/index.json`` and the channel's repodata say), enough to install it without conda."""
+
+    name: str
+    version: str
+    build: str
+    url: str
+    md5: str
+    sha256: str | None
+    depends: tuple[str, ...]
+    record: Mapping[str, Any] = field(compare=False, repr=False)
+
+    @property
+    def fn(self) -> str:
+        return str(self.record.get("fn") or _basename(self.url))
+
+    @property
+    def subdir(self) -> str:
+        return str(self.record.get("subdir") or _subdir_of(self.url))
+
+
+@dataclass(frozen=True)
+class PipPackage:
+    """One distribution that pip installed on top of the conda packages."""
+
+    name: str
+    version: str
+    url: str
+    sha256: str | None
+    dependencies: Mapping[str, str] = field(compare=False)
+
+
+@dataclass(frozen=True)
+class CondaLock:
+    platform: str
+    channels: tuple[str, ...]
+    conda: tuple[CondaPackage, ...]
+    pip: tuple[PipPackage, ...]
+
+    @property
+    def python(self) -> CondaPackage | None:
+        return next((p for p in self.conda if p.name == "python"), None)
+
+    def content_hash(self) -> str:
+        """sha256 of what the lock pins (not of how it is written)."""
+        rows = sorted(
+            [["conda", p.name, p.version, p.build, p.url, p.md5, p.sha256 or ""] for p in self.conda]
+            + [["pip", p.name, p.version, "", p.url, "", p.sha256 or ""] for p in self.pip]
+        )
+        doc = {"platform": self.platform, "channels": list(self.channels), "packages": rows}
+        return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class CondaCapture:
+    """What ``envlock save`` writes for a conda environment: the file and the manifest section."""
+
+    lock: CondaLock
+    text: str
+    manifest: dict[str, Any]
+
+
+# --- platform --------------------------------------------------------------------------------
+
+
+def this_platform() -> str:
+    """conda's name for this machine's platform (``linux-64``, ``osx-arm64``, ``win-64``, ...)."""
+    machine = _platform.machine().lower()
+    if sys.platform.startswith("linux"):
+        system = "linux"
+    elif sys.platform == "darwin":
+        system = "osx"
+    elif sys.platform in ("win32", "cygwin"):
+        system = "win"
+    else:
+        system = sys.platform
+    if machine in ("x86_64", "amd64"):
+        arch = "64"
+    elif machine in ("i386", "i686", "x86"):
+        arch = "32"
+    elif machine in ("arm64", "aarch64"):
+        arch = "aarch64" if system == "linux" else "arm64"
+    else:
+        arch = machine  # ppc64le, s390x, armv7l, riscv64: conda uses the machine name
+    return f"{system}-{arch}"
+
+
+def is_conda_prefix(prefix: Path) -> bool:
+    return (prefix / "conda-meta").is_dir()
+
+
+# --- small helpers ---------------------------------------------------------------------------
+
+
+def _basename(url: str) -> str:
+    return unquote(urlsplit(url).path.rstrip("/").rsplit("/", 1)[-1])
+
+
+def _subdir_of(url: str) -> str:
+    parts = urlsplit(url).path.rstrip("/").split("/")
+    return parts[-2] if len(parts) >= 2 and parts[-2] in _SUBDIRS else ""
+
+
+def _channel_name(channel: str) -> str:
+    """A record's channel as conda-lock names it: ``conda-forge`` for anaconda.org channels,
+    the URL (without a trailing subdir) for any other."""
+    text = channel.rstrip("/")
+    head, _, last = text.rpartition("/")
+    if head and last in _SUBDIRS:
+        text = head
+    if text.startswith(_ANACONDA_ORG):
+        return text[len(_ANACONDA_ORG):]
+    return text
+
+
+def _spec_dict(specs: Iterable[str]) -> dict[str, str]:
+    """conda match specs (``libzlib >=1.2.13,<2``) as conda-lock's ``{name: spec}``."""
+    out: dict[str, str] = {}
+    for spec in specs:
+        name, _, rest = spec.strip().partition(" ")
+        rest = rest.strip() or "*"
+        out[name] = f"{out[name]},{rest}" if name in out and out[name] != "*" else rest
+    return out
+
+
+# --- capture ---------------------------------------------------------------------------------
+
+
+def read_conda_meta(prefix: Path) -> list[dict[str, Any]]:
+    """The records in ``prefix/conda-meta``, sorted by name. Unreadable files are an error: a
+    lock that silently left a package out would rebuild another environment."""
+    records = []
+    for path in sorted((prefix / "conda-meta").glob("*.json")):
+        try:
+            doc = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise EnvironmentBuildError(f"{path}: not a readable conda record ({exc})") from exc
+        if not isinstance(doc, dict) or not doc.get("name") or not doc.get("url"):
+            raise EnvironmentBuildError(f"{path}: a conda record without a name or url")
+        records.append(doc)
+    return sorted(records, key=lambda r: str(r["name"]))
+
+
+def owned_dist_infos(records: Iterable[Mapping[str, Any]]) -> set[str]:
+    """The ``.dist-info`` / ``.egg-info`` folders (prefix-relative, POSIX) that conda records list."""
+    owned: set[str] = set()
+    for rec in records:
+        for f in rec.get("files") or ():
+            parts = PurePosixPath(str(f).replace("\\", "/")).parts
+            for i, part in enumerate(parts):
+                if part.endswith((".dist-info", ".egg-info")):
+                    owned.add("/".join(parts[: i + 1]))
+                    break
+    return owned
+
+
+def _relative(path: str, prefix: Path) -> str | None:
+    try:
+        return Path(os.path.realpath(path)).relative_to(os.path.realpath(prefix)).as_posix()
+    except ValueError:
+        return None
+
+
+def _installed_tags(dist_info: str | None) -> set[Tag]:
+    if not dist_info:
+        return set()
+    try:
+        text = (Path(dist_info) / "WHEEL").read_text(encoding="utf-8")
+    except OSError:
+        return set()
+    tags: set[Tag] = set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip().lower() == "tag" and value.strip():
+            tags |= set(parse_tag(value.strip()))
+    return tags
+
+
+def _pick_file(pkg: LockedPackage, installed_tags: set[Tag]) -> tuple[str, str] | None:
+    """(url, sha256) of the file that was installed: the wheel whose tags the installed WHEEL
+    names, else the one this interpreter prefers, else the sdist."""
+    if not pkg.files:
+        return None
+    ranked = {t: i for i, t in enumerate(sys_tags())}
+    best: tuple[int, int, str, str] | None = None
+    for f in pkg.files:
+        if f.is_wheel:
+            try:
+                tags = parse_wheel_filename(f.filename)[3]
+            except InvalidWheelFilename:
+                continue
+            exact = 0 if tags & installed_tags else 1
+            rank = min((ranked[t] for t in tags if t in ranked), default=len(ranked))
+            if exact and rank == len(ranked):  # neither installed nor installable here
+                continue
+            cand = (exact, rank, f.url, f.sha256)
+        else:
+            cand = (2, 0, f.url, f.sha256)
+        if best is None or cand < best:
+            best = cand
+    return (best[2], best[3]) if best else None
+
+
+def _pip_dependencies(requires: Iterable[str]) -> dict[str, str]:
+    deps: dict[str, str] = {}
+    for text in requires:
+        try:
+            req = Requirement(text)
+            if req.marker is not None and not req.marker.evaluate({"extra": ""}):
+                continue
+        except (InvalidRequirement, InvalidMarker, ValueError, TypeError, KeyError):
+            continue
+        deps[str(canonicalize_name(req.name))] = str(req.specifier) or "*"
+    return deps
+
+
+def capture(prefix: Path, dists: Sequence[Mapping[str, Any]], packages: Sequence[LockedPackage], *,
+            platform: str | None = None) -> CondaCapture:
+    """Lock the conda environment at ``prefix``: its conda records, and the distributions
+    pip installed on top (from ``dists``, the inventory, and ``packages``, their hashes)."""
+    records = read_conda_meta(prefix)
+    owned = owned_dist_infos(records)
+    subdirs = [str(r.get("subdir")) for r in records if r.get("subdir") not in (None, "", "noarch")]
+    plat = platform or (max(set(subdirs), key=subdirs.count) if subdirs else this_platform())
+    conda: list[CondaPackage] = []
+    channels: list[str] = []
+    extra: dict[str, dict[str, Any]] = {}
+    for rec in records:
+        url = str(rec["url"])
+        channel = _channel_name(str(rec.get("channel") or url.rsplit("/", 2)[0]))
+        if channel not in channels:
+            channels.append(channel)
+        index = {k: v for k, v in rec.items() if k not in _INSTALL_FIELDS}
+        index.setdefault("fn", _basename(url))
+        conda.append(CondaPackage(
+            name=str(rec["name"]), version=str(rec["version"]), build=str(rec.get("build", "")),
+            url=url, md5=str(rec.get("md5") or ""), sha256=rec.get("sha256"),
+            depends=tuple(str(d) for d in rec.get("depends") or ()), record=index,
+        ))
+        extra[str(index["fn"])] = index
+
+    by_name = {str(canonicalize_name(p.name)): p for p in packages}
+    pip: list[PipPackage] = []
+    conda_owned: list[str] = []
+    not_locked: list[str] = []
+    for d in dists:
+        name = str(canonicalize_name(str(d["name"])))
+        rel = _relative(str(d.get("dist_info") or ""), prefix)
+        if rel is not None and rel in owned:
+            conda_owned.append(name)
+            continue
+        pkg = by_name.get(name)
+        if pkg is None:  # envlock itself, left out of every lock
+            continue
+        picked = _pick_file(pkg, _installed_tags(d.get("dist_info"))) if pkg.locked else None
+        if picked is None:
+            not_locked.append(name)
+            continue
+        pip.append(PipPackage(name=name, version=pkg.version, url=picked[0], sha256=picked[1],
+                              dependencies=_pip_dependencies(pkg.requires)))
+    lock = CondaLock(platform=plat, channels=tuple(channels), conda=tuple(conda),
+                     pip=tuple(sorted(pip, key=lambda p: p.name)))
+    python = lock.python
+    manifest = {
+        "lockfile": LOCKFILE,
+        "platform": plat,
+        "channels": list(channels),
+        "python": ({"name": python.name, "version": python.version, "build": python.build,
+                    "url": python.url} if python else None),
+        "conda_packages": len(conda),
+        "pip_packages": len(pip),
+        "conda_owned_distributions": sorted(conda_owned),
+        "pip_not_locked": sorted(not_locked),
+        "content_hash": lock.content_hash(),
+        "records": extra,
+    }
+    return CondaCapture(lock=lock, text=dumps(lock), manifest=manifest)
+
+
+# --- the conda-lock v1 document ------------------------------------------------------------
+
+
+def to_document(lock: CondaLock) -> dict[str, Any]:
+    packages: list[dict[str, Any]] = []
+    for c in sorted(lock.conda, key=lambda p: p.name):
+        hashes = {"md5": c.md5, **({"sha256": c.sha256} if c.sha256 else {})}
+        packages.append({
+            "name": c.name, "version": c.version, "manager": "conda", "platform": lock.platform,
+            "dependencies": _spec_dict(c.depends), "url": c.url, "hash": hashes,
+            "build": c.build, "category": "main", "optional": False,
+        })
+    for p in lock.pip:
+        packages.append({
+            "name": p.name, "version": p.version, "manager": "pip", "platform": lock.platform,
+            "dependencies": dict(p.dependencies), "url": p.url,
+            "hash": {"sha256": p.sha256} if p.sha256 else {},
+            "category": "main", "optional": False,
+        })
+    return {
+        "version": LOCK_VERSION,
+        "metadata": {
+            "content_hash": {lock.platform: lock.content_hash()},
+            "channels": [{"url": c, "used_env_vars": []} for c in lock.channels],
+            "platforms": [lock.platform],
+            "sources": [],
+            "custom_metadata": {"generator": "envlock", "source": "conda-meta"},
+        },
+        "package": packages,
+    }
+
+
+def dumps(lock: CondaLock) -> str:
+    head = ("# Written by envlock from the environment's conda-meta/ (no solver: the installed set\n"
+            "# is the solution). conda-lock's unified format, version 1: `conda-lock install`,\n"
+            "# `conda-lock render` and `micromamba create -f` read it.\n")
+    return head + dump_yaml(to_document(lock))
+
+
+def _record_from_entry(entry: Mapping[str, Any], platform: str) -> dict[str, Any]:
+    """The index fields of a conda entry when the manifest has none for it (a lock file
+    written by another tool): what the entry and its URL say."""
+    url = str(entry["url"])
+    deps = entry.get("dependencies") or {}
+    return {
+        "name": entry["name"], "version": entry["version"], "build": entry.get("build") or "",
+        "build_number": 0, "subdir": _subdir_of(url) or platform, "fn": _basename(url), "url": url,
+        "depends": [n if v in ("*", "") else f"{n} {v}" for n, v in deps.items()],
+        "md5": (entry.get("hash") or {}).get("md5"), "sha256": (entry.get("hash") or {}).get("sha256"),
+        "channel": url.rsplit("/", 2)[0],
+    }
+
+
+def from_document(doc: Mapping[str, Any], records: Mapping[str, Mapping[str, Any]] | None = None,
+                  *, where: str = LOCKFILE) -> CondaLock:
+    """A :class:`CondaLock` from a conda-lock v1 document (strict about the version)."""
+    version = doc.get("version")
+    if version != LOCK_VERSION:
+        raise SidecarError(where, f"conda-lock version {version!r} is not supported (envlock reads "
+                           f"version {LOCK_VERSION})")
+    meta = doc.get("metadata") or {}
+    platforms = list(meta.get("platforms") or [])
+    if len(platforms) != 1:
+        raise SidecarError(where, f"expected one platform, found {platforms or 'none'}")
+    plat = str(platforms[0])
+    channels = tuple(str(c["url"]) if isinstance(c, Mapping) else str(c) for c in meta.get("channels") or ())
+    records = records or {}
+    conda: list[CondaPackage] = []
+    pip: list[PipPackage] = []
+    try:
+        for entry in doc.get("package") or ():
+            if entry.get("platform") != plat:
+                continue
+            hashes = entry.get("hash") or {}
+            if entry["manager"] == "conda":
+                fn = _basename(str(entry["url"]))
+                rec = dict(records.get(fn) or _record_from_entry(entry, plat))
+                conda.append(CondaPackage(
+                    name=str(entry["name"]), version=str(entry["version"]),
+                    build=str(entry.get("build") or rec.get("build") or ""), url=str(entry["url"]),
+                    md5=str(hashes.get("md5") or ""), sha256=hashes.get("sha256"),
+                    depends=tuple(str(d) for d in rec.get("depends") or ()), record=rec,
+                ))
+            elif entry["manager"] == "pip":
+                pip.append(PipPackage(name=str(entry["name"]), version=str(entry["version"]),
+                                      url=str(entry["url"]), sha256=hashes.get("sha256"),
+                                      dependencies=dict(entry.get("dependencies") or {})))
+            else:
+                raise SidecarError(where, f"unknown manager {entry['manager']!r} for {entry['name']}")
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise SidecarError(where, f"not a conda-lock v1 file ({type(exc).__name__}: {exc})") from exc
+    return CondaLock(platform=plat, channels=channels, conda=tuple(conda), pip=tuple(pip))
+
+
+def loads(text: str, records: Mapping[str, Mapping[str, Any]] | None = None, *,
+          where: str = LOCKFILE) -> CondaLock:
+    try:
+        doc = load_yaml(text)
+    except ValueError as exc:
+        raise SidecarError(where, f"not readable: {exc}") from exc
+    if not isinstance(doc, Mapping):
+        raise SidecarError(where, "not a conda-lock file (no mapping at the top)")
+    return from_document(doc, records, where=where)
+
+
+def from_sidecar(sc: Any) -> CondaLock | None:
+    """The sidecar's conda lock (``sc`` a :class:`envlock.sidecar.Sidecar`), or None when it
+    was captured outside conda."""
+    path = Path(sc.file(LOCKFILE))
+    if not path.is_file():
+        return None
+    records = (sc.get("conda", "records") or {})
+    return loads(path.read_text(encoding="utf-8"), records, where=str(path))
+
+
+# --- renderings ------------------------------------------------------------------------------
+
+
+def toposorted(packages: Sequence[CondaPackage]) -> list[CondaPackage]:
+    """Dependencies before their dependents (conda installs an explicit list in its order);
+    ties and cycles broken by name."""
+    by_name = {p.name: p for p in packages}
+    deps = {p.name: {d.split(" ")[0] for d in p.depends} & set(by_name) - {p.name} for p in packages}
+    done: list[CondaPackage] = []
+    placed: set[str] = set()
+    while len(done) < len(packages):
+        ready = sorted(n for n in by_name if n not in placed and deps[n] <= placed)
+        if not ready:  # a cycle: take the first name left
+            ready = [sorted(n for n in by_name if n not in placed)[0]]
+        for n in ready:
+            placed.add(n)
+            done.append(by_name[n])
+    return done
+
+
+def render_explicit(lock: CondaLock, *, source: str = LOCKFILE) -> str:
+    """conda's ``@EXPLICIT`` list: every conda package by URL with its md5 (what conda, mamba,
+    micromamba and rattler check), then the pip part as ``# pip`` lines the way conda-lock
+    writes them (``conda-lock install`` and micromamba install those; conda ignores them)."""
+    lines = [
+        f"# Generated by envlock from {source}.",
+        f"# platform: {lock.platform}",
+        f"# content_hash: {lock.content_hash()}",
+        "@EXPLICIT",
+    ]
+    lines += [f"{p.url}#{p.md5}" if p.md5 else p.url for p in toposorted(lock.conda)]
+    for p in lock.pip:
+        lines.append(f"# pip {p.name} @ {p.url}" + (f"#sha256={p.sha256}" if p.sha256 else ""))
+    return "\n".join(lines) + "\n"
+
+
+def render_environment_yml(lock: CondaLock, *, name: str, source: str = LOCKFILE) -> str:
+    """An ``environment.yml`` pinning every build (``name=version=build``), channels as
+    recorded plus ``nodefaults``, and the pip part with its hashes."""
+    return templating.render(
+        "environment.yml.j2", env_name=name, source=source, platform=lock.platform,
+        channels=list(lock.channels), conda=sorted(lock.conda, key=lambda p: p.name),
+        pip=list(lock.pip), has_pip=any(p.name == "pip" for p in lock.conda),
+    )
+
+
+def _sidecar_lock(ctx: Any, fmt: str) -> CondaLock:
+    lock = from_sidecar(ctx.sidecar)
+    if lock is None:
+        raise BadInputError(f"{ctx.model} was saved outside conda: its sidecar has no {LOCKFILE} to "
+                            f"render as {fmt}", hint="use --format requirements (or dockerfile)")
+    return lock
+
+
+def export_explicit(ctx: Any) -> str:
+    """``envlock export --format explicit`` (``ctx``: an :class:`envlock.exporting.ExportContext`)."""
+    return render_explicit(_sidecar_lock(ctx, "explicit"), source=f"{ctx.sidecar.path.name}/{LOCKFILE}")
+
+
+def export_environment_yml(ctx: Any) -> str:
+    """``envlock export --format environment.yml``; the environment is named after the model."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(str(ctx.model)).name).strip("-.") or "model"
+    return render_environment_yml(_sidecar_lock(ctx, "environment.yml"), name=name.replace(".", "-"),
+                                  source=f"{ctx.sidecar.path.name}/{LOCKFILE}")
+
+
+# --- YAML: the subset envlock writes ----------------------------------------------------------
+
+_PLAIN = re.compile(r"[A-Za-z_/$][\w.\-/+:@~=$%]*")
+_YAML_WORDS = frozenset({"true", "false", "yes", "no", "on", "off", "null", "y", "n", "~"})
+_INT = re.compile(r"-?(0|[1-9][0-9]*)")
+
+
+def _scalar(value: Any) -> str:
+    if value is None:
+        return "null"
+    if value is True or value is False:
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, dict) and not value:
+        return "{}"
+    if isinstance(value, (list, tuple)) and not value:
+        return "[]"
+    if not isinstance(value, str):
+        raise TypeError(f"cannot write {type(value).__name__} to YAML")
+    if _PLAIN.fullmatch(value) and not value.endswith(":") and value.lower() not in _YAML_WORDS:
+        return value
+    # A JSON string is a YAML double-quoted scalar.
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _emit(obj: Any, indent: int, out: list[str]) -> None:
+    pad = " " * indent
+    if isinstance(obj, Mapping):
+        for key, value in obj.items():
+            k = _scalar(str(key))
+            if isinstance(value, Mapping) and value:
+                out.append(f"{pad}{k}:")
+                _emit(value, indent + 2, out)
+            elif isinstance(value, (list, tuple)) and value:
+                out.append(f"{pad}{k}:")
+                _emit(value, indent, out)  # conda-lock's style: items at the key's indent
+            else:
+                out.append(f"{pad}{k}: {_scalar(value)}")
+    elif isinstance(obj, (list, tuple)):
+        for item in obj:
+            if isinstance(item, Mapping) and item:
+                sub: list[str] = []
+                _emit(item, indent + 2, sub)
+                out.append(f"{pad}- {sub[0][indent + 2:]}")
+                out.extend(sub[1:])
+            elif isinstance(item, (list, tuple)) and item:
+                raise TypeError("nested lists are not written")
+            else:
+                out.append(f"{pad}- {_scalar(item)}")
+    else:
+        out.append(pad + _scalar(obj))
+
+
+def dump_yaml(obj: Any) -> str:
+    out: list[str] = []
+    _emit(obj, 0, out)
+    return "\n".join(out) + "\n"
+
+
+@dataclass
+class _Line:
+    indent: int
+    text: str
+    number: int
+
+
+def _value(text: str, number: int) -> Any:
+    if text.startswith('"'):
+        try:
+            value, end = json.JSONDecoder().raw_decode(text)
+        except ValueError as exc:
+            raise ValueError(f"line {number}: bad quoted string") from exc
+        if text[end:].strip():
+            raise ValueError(f"line {number}: text after a quoted string")
+        return value
+    if text.startswith("'") and text.endswith("'") and len(text) >= 2:
+        return text[1:-1].replace("''", "'")
+    if text == "{}":
+        return {}
+    if text == "[]":
+        return []
+    if text in ("null", "~", ""):
+        return None
+    if text in ("true", "false"):
+        return text == "true"
+    if text[0] in "[]{}&*!|>%@`":
+        raise ValueError(f"line {number}: YAML construct not supported here: {text[:20]!r}")
+    if _INT.fullmatch(text):
+        return int(text)
+    return text
+
+
+def _split_key(text: str, number: int) -> tuple[str, str]:
+    if text.startswith('"'):
+        try:
+            key, end = json.JSONDecoder().raw_decode(text)
+        except ValueError as exc:
+            raise ValueError(f"line {number}: bad quoted key") from exc
+        rest = text[end:]
+        if not rest.startswith(":"):
+            raise ValueError(f"line {number}: expected ':' after a key")
+        return str(key), rest[1:].strip()
+    if text.endswith(":"):
+        return text[:-1], ""
+    key, sep, rest = text.partition(": ")
+    if not sep:
+        raise ValueError(f"line {number}: expected 'key: value'")
+    return key, rest.strip()
+
+
+def _is_item(line: _Line) -> bool:
+    return line.text == "-" or line.text.startswith("- ")
+
+
+def _is_mapping_text(text: str) -> bool:
+    if text.startswith('"'):
+        try:
+            _, end = json.JSONDecoder().raw_decode(text)
+        except ValueError:
+            return False
+        return text[end:].startswith(":")
+    return text.endswith(":") or ": " in text
+
+
+def _block(lines: list[_Line], i: int, indent: int) -> tuple[Any, int]:
+    if _is_item(lines[i]):
+        return _sequence(lines, i, indent)
+    return _mapping(lines, i, indent)
+
+
+def _mapping(lines: list[_Line], i: int, indent: int) -> tuple[dict[str, Any], int]:
+    out: dict[str, Any] = {}
+    while i < len(lines) and lines[i].indent == indent and not _is_item(lines[i]):
+        key, rest = _split_key(lines[i].text, lines[i].number)
+        i += 1
+        if rest:
+            out[key] = _value(rest, lines[i - 1].number)
+        elif i < len(lines) and (lines[i].indent > indent
+                                 or (lines[i].indent == indent and _is_item(lines[i]))):
+            out[key], i = _block(lines, i, lines[i].indent)
+        else:
+            out[key] = None
+    if i < len(lines) and lines[i].indent > indent:
+        raise ValueError(f"line {lines[i].number}: unexpected indentation")
+    return out, i
+
+
+def _sequence(lines: list[_Line], i: int, indent: int) -> tuple[list[Any], int]:
+    out: list[Any] = []
+    while i < len(lines) and lines[i].indent == indent and _is_item(lines[i]):
+        body = lines[i].text[1:].strip()
+        if not body:
+            i += 1
+            if i < len(lines) and lines[i].indent > indent:
+                value, i = _block(lines, i, lines[i].indent)
+                out.append(value)
+            else:
+                out.append(None)
+        elif _is_mapping_text(body):
+            # "- key: value": the item's mapping continues at the indent of "key".
+            lines[i] = _Line(indent + 2, body, lines[i].number)
+            value, i = _mapping(lines, i, indent + 2)
+            out.append(value)
+        else:
+            out.append(_value(body, lines[i].number))
+            i += 1
+    return out, i
+
+
+def load_yaml(text: str) -> Any:
+    """Read the YAML subset :func:`dump_yaml` writes (block mappings and sequences, plain,
+    single- and JSON-double-quoted scalars, ``{}``/``[]``, full-line comments). Anything
+    else is a ``ValueError`` rather than a guess."""
+    lines: list[_Line] = []
+    for number, raw in enumerate(text.splitlines(), 1):
+        if "\t" in raw[: len(raw) - len(raw.lstrip())]:
+            raise ValueError(f"line {number}: tab in indentation")
+        stripped = raw.strip()
+        if not stripped or stripped.startswith("#") or stripped in ("---", "..."):
+            continue
+        lines.append(_Line(len(raw) - len(raw.lstrip(" ")), stripped, number))
+    if not lines:
+        return None
+    value, i = _block(lines, 0, lines[0].indent)
+    if i != len(lines):
+        raise ValueError(f"line {lines[i].number}: unexpected content")
+    return value
+
+
+__all__ = [
+    "LOCKFILE", "CondaCapture", "CondaLock", "CondaPackage", "PipPackage", "capture", "dump_yaml",
+    "dumps", "export_environment_yml", "export_explicit", "from_document", "from_sidecar",
+    "is_conda_prefix", "load_yaml", "loads", "owned_dist_infos", "read_conda_meta",
+    "render_environment_yml", "render_explicit", "this_platform", "to_document", "toposorted",
+]
