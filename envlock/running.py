@@ -102,11 +102,20 @@ def resolve_environment(sc: Sidecar, *, settings: Settings, strategy: str = "aut
                         on_event: Callable[[Any], None] | None = None) -> Resolved:
     if strategy not in STRATEGIES:
         raise BadInputError(f"unknown strategy {strategy!r} (choose from {', '.join(STRATEGIES)})")
-    if strategy == "conda":
+    conda = sc.file("conda-lock.yml").is_file()
+    if strategy == "conda" and not conda:
         raise EnvironmentBuildError("the conda strategy needs a conda-lock.yml in the sidecar; "
                                     "this sidecar was captured outside conda")
-    if strategy == "current" or (strategy == "auto" and current_satisfies(sc)):
+    if strategy == "current" or (strategy == "auto" and current_satisfies(sc) and not conda):
         return Resolved("current", Path(sys.executable), None, False)
+    if conda and strategy != "venv":  # auto or conda: a conda lock is rebuilt with its conda packages
+        from envlock.condaenv import CondaSpec, current_matches, ensure_conda_env
+
+        if strategy == "auto" and current_matches(sc, Path(sys.prefix)) and current_satisfies(sc):
+            return Resolved("current", Path(sys.executable), None, False)
+        env = ensure_conda_env(CondaSpec.from_sidecar(sc, find_links=find_links), settings,
+                               progress=on_event)
+        return Resolved("conda", env.python, env.path, env.built)
     wheels = sc.file("wheels")
     links = (*find_links, *( (str(wheels),) if wheels.is_dir() else ()))
     spec = EnvSpec.from_lock(sc.file("requirements.lock.txt"), python_version(sc),
