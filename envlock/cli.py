@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--atol", type=float, default=1e-6)
     p.add_argument("--rtol", type=float, default=1e-5)
     p.add_argument("--seed", type=int, default=0, help="seed of generated probe inputs")
+    p.add_argument("--vendor", action="store_true",
+                   help="copy every locked wheel into MODEL.envlock/wheels: a rebuild needs no index")
     _common(p)
     p.set_defaults(func=cmd_save)
 
@@ -190,7 +192,7 @@ def cmd_save(args: argparse.Namespace, out: Out) -> int:
     command = "envlock save " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "envlock save"
     opts = SaveOptions(probe=args.probe, custom_object_modules=tuple(args.custom_objects),
                        allow_mismatch=args.allow_mismatch, atol=args.atol, rtol=args.rtol,
-                       seed=args.seed, command=command)
+                       seed=args.seed, command=command, vendor=args.vendor)
     result = lock(args.model, options=opts, on_stage=out.stage)
     if out.json:
         out.emit_json(result.to_json())
@@ -205,6 +207,10 @@ def cmd_save(args: argparse.Namespace, out: Out) -> int:
         out.print(f"  custom     {c['module']}.{c['qualname']} → {where}")
     shapes = ", ".join(f"{i['name']}{tuple(i['shape'])}" for i in result.probe_inputs)
     out.print(f"  probe      {shapes}; repeat bitwise equal: {result.probe_repeatable}")
+    if args.vendor:
+        wheels = result.sidecar / "wheels"
+        count = sum(1 for _ in wheels.iterdir()) if wheels.is_dir() else 0
+        out.print(f"  wheels     {count} file(s) in {wheels}: rebuilds need no index")
     for w in result.warnings:
         out.err.print(f"[yellow]warning:[/] {w}")
     return 0

@@ -118,8 +118,12 @@ def resolve_environment(sc: Sidecar, *, settings: Settings, strategy: str = "aut
         return Resolved("conda", env.python, env.path, env.built)
     wheels = sc.file("wheels")
     links = (*find_links, *( (str(wheels),) if wheels.is_dir() else ()))
+    # A sidecar saved with --vendor holds the file of every requirement: build from it alone,
+    # without asking any index (one that no longer has a version, or cannot be reached).
+    vendored = wheels.is_dir() and bool(sc.get("packages", "vendored", "complete"))
     spec = EnvSpec.from_lock(sc.file("requirements.lock.txt"), python_version(sc),
                              platform_tag=default_platform_tag(), find_links=links,
+                             no_index=vendored, offline=True if vendored else None,
                              allow_python_download=allow_python_download)
     env = EnvCache(settings).ensure(spec, progress=on_event)
     return Resolved("venv", env.python, env.path, env.built)

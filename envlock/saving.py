@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 import envlock
-from envlock import templating
+from envlock import templating, vendoring
 from envlock._worker.fingerprint import compare_fingerprints, compare_with_stored, fingerprint_weights
 from envlock._worker.framework import ENV_VARS
 from envlock._worker.inventory import installed
@@ -64,6 +64,7 @@ class SaveOptions:
     batch_size: int = 32
     command: str = ""
     extra_sys_path: tuple[str, ...] = ()
+    vendor: bool = False  # copy every locked file into the sidecar's wheels/ (see vendoring)
 
 
 @dataclass
@@ -209,8 +210,10 @@ def _main_objects(model: Any) -> list[type]:
 
 def save(model: Any, path: str | os.PathLike[str], *, probe: Any = None, settings: Settings | None = None,
          custom_objects: Sequence[str] = (), allow_mismatch: bool = False, atol: float = DEFAULT_ATOL,
-         rtol: float = DEFAULT_RTOL, on_stage: Stage | None = None, **save_kwargs: Any) -> SaveResult:
-    """Save ``model`` with Keras, then write its sidecar. ``probe``: array, dict or .npy/.npz path."""
+         rtol: float = DEFAULT_RTOL, on_stage: Stage | None = None, vendor: bool = False,
+         **save_kwargs: Any) -> SaveResult:
+    """Save ``model`` with Keras, then write its sidecar. ``probe``: array, dict or .npy/.npz path.
+    ``vendor``: copy every locked wheel into the sidecar, so a rebuild needs no index."""
     path = Path(path)
     settings = settings or Settings.from_env()
     workdir = Path(tempfile.mkdtemp(prefix="envlock-save-"))
@@ -240,7 +243,7 @@ def save(model: Any, path: str | os.PathLike[str], *, probe: Any = None, setting
                 probe_path = Path(probe)
             options = SaveOptions(probe=probe_path, probe_label=label,
                                   custom_object_modules=tuple(custom_objects),
-                                  allow_mismatch=allow_mismatch, atol=atol, rtol=rtol,
+                                  allow_mismatch=allow_mismatch, atol=atol, rtol=rtol, vendor=vendor,
                                   command=f"envlock.save(model, {os.fspath(path)!r})")
             result = _lock(path, settings, options, workdir, mem, on_stage)
             keep = not mains
@@ -326,6 +329,11 @@ def _lock(path: Path, settings: Settings, options: SaveOptions, workdir: Path, m
             packages = build_lock(dists, lookups)
             command = options.command or "envlock save " + shlex.quote(path.name)
             lock_texts = _render_locks(packages, host["python"]["version"], command, settings)
+            vendored = None
+            if options.vendor:
+                stage("vendoring wheels")
+                vendored = vendoring.vendor(packages, dists, settings,
+                                            reuse=[sidecar_path(path) / vendoring.WHEELS_DIR])
 
             fingerprint = client.wait(t_fp)
             if mem is not None:
@@ -353,7 +361,7 @@ def _lock(path: Path, settings: Settings, options: SaveOptions, workdir: Path, m
 
     return _write(path, info, settings, options, host, gpus, dists, packages, lock_texts, loaded,
                   specs, fingerprint, mismatched, probe_in, outs[0], probe_source, repeatable, facts,
-                  code_dir, mem, seconds, t0, command)
+                  code_dir, mem, seconds, t0, command, vendored=vendored)
 
 
 def _render_locks(packages: list[Any], python_version: str, command: str,
@@ -416,7 +424,7 @@ def _write(path: Path, info: ModelInfo, settings: Settings, options: SaveOptions
            fingerprint: dict[str, Any], mismatched: list[str], probe_in: Path,
            outputs: dict[str, np.ndarray], probe_source: str, repeatable: bool, facts: dict[str, Any],
            code_dir: Path, mem: _InMemory | None, seconds: dict[str, float], t0: float,
-           command: str) -> SaveResult:
+           command: str, *, vendored: vendoring.VendorResult | None = None) -> SaveResult:
     warnings: list[str] = []
     files: dict[str, bytes | Path] = dict(lock_texts)
     custom = [dict(c) for c in loaded["custom_objects"]]
@@ -455,6 +463,9 @@ def _write(path: Path, info: ModelInfo, settings: Settings, options: SaveOptions
     if os.environ.get("PYTHONPATH"):
         warnings.append("PYTHONPATH is set: modules found through it are not locked")
 
+    if vendored is not None:
+        files.update(vendoring.sidecar_files(vendored))
+        warnings.extend(vendored.warnings)
     framework = facts["framework"]
     determinism = facts["determinism"]
     tf_build = framework.get("tf_build") or {}
@@ -490,6 +501,7 @@ def _write(path: Path, info: ModelInfo, settings: Settings, options: SaveOptions
             "missing_hashes": list(missing),
             "risks": list(risks),
             "index_urls": [u for u in settings.index_urls],
+            "vendored": vendored.manifest() if vendored is not None else None,
         },
         "custom_objects": custom,
         "weights": {**fingerprint, "restored": not mismatched, "mismatched_layers": mismatched},

@@ -1,0 +1,273 @@
+"""`envlock save --vendor`: the file of every locked distribution, for the sidecar's ``wheels/``.
+
+**Which file.** One per locked distribution: the one installed here. A wheel's ``.dist-info/WHEEL``
+keeps the tags of the wheel it was installed from, and the index file with exactly those tags
+is that wheel. Failing that (a distribution built locally from its sdist), the best file for
+this interpreter in ``packaging.tags.sys_tags()`` order, then the sdist. Other platforms' wheels
+are not copied: the lock's other hashes stay, so an index can still serve them.
+
+**Where the bytes come from,** always checked against the lock's sha256 before they are kept:
+
+1. envlock's download cache, ``$ENVLOCK_HOME/wheels/<sha256>/<file name>``, and the folders
+   given as ``reuse`` (a previous ``wheels/`` of the same model): content-addressed by hash,
+   so a re-save downloads nothing;
+2. the file's URL as the index listed it (the one in ``pylock.toml``), over HTTP, streamed to
+   disk and hashed on the way.
+
+uv's cache is not a source: uv keeps wheels unpacked (``archive-v0/``), not as the files whose
+hash the lock records, and repacking them gives other bytes. ``pip download`` is not used: it
+needs pip in the captured environment and tag options to find again what is known here exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import secrets
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from packaging.tags import Tag, parse_tag, sys_tags
+from packaging.utils import InvalidWheelFilename, parse_wheel_filename
+
+from envlock import __version__
+from envlock.errors import EnvironmentBuildError
+from envlock.index import DistFile, _Index, _ssl_context
+from envlock.lockfiles import UNLOCKABLE_KINDS, LockedPackage
+from envlock.settings import Settings
+
+WHEELS_DIR = "wheels"
+_CHUNK = 1 << 20
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class VendoredFile:
+    name: str
+    version: str
+    filename: str
+    sha256: str
+    path: Path  # where the checked bytes are now (the download cache, or a reused folder)
+    source: str  # "cache" | "reused" | "downloaded"
+
+
+@dataclass(frozen=True)
+class VendorResult:
+    files: tuple[VendoredFile, ...]
+    not_vendored: tuple[dict[str, str], ...]  # {"name", "version", "reason"}: installed otherwise
+    warnings: tuple[str, ...]
+
+    @property
+    def complete(self) -> bool:
+        """Every requirement of requirements.lock.txt has its file here: no index needed."""
+        return not self.not_vendored
+
+    def manifest(self) -> dict[str, Any]:
+        return {
+            "folder": WHEELS_DIR,
+            "files": len(self.files),
+            "complete": self.complete,
+            "not_vendored": [dict(x) for x in self.not_vendored],
+            "downloaded": sum(1 for f in self.files if f.source == "downloaded"),
+        }
+
+
+# --- choosing the file ---------------------------------------------------------------------
+
+
+def installed_tags(dist_info: str | os.PathLike[str] | None) -> frozenset[Tag]:
+    """The tags of the wheel a distribution was installed from (empty when unknown)."""
+    if not dist_info:
+        return frozenset()
+    try:
+        text = (Path(dist_info) / "WHEEL").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return frozenset()
+    tags: set[Tag] = set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip().lower() == "tag" and value.strip():
+            with contextlib.suppress(ValueError):
+                tags |= parse_tag(value.strip())
+    return frozenset(tags)
+
+
+def _wheel_tags(filename: str) -> frozenset[Tag] | None:
+    try:
+        return parse_wheel_filename(filename)[3]
+    except InvalidWheelFilename:
+        return None
+
+
+def choose_file(files: Sequence[DistFile], installed: frozenset[Tag],
+                supported: Sequence[Tag]) -> DistFile | None:
+    """The file of ``files`` that was (or would be) installed here; None when none fits."""
+    wheels = [(f, t) for f in files if f.is_wheel and (t := _wheel_tags(f.filename)) is not None]
+    if installed:
+        exact = [f for f, t in wheels if t == installed]
+        if exact:
+            return exact[0]
+    rank = {tag: i for i, tag in enumerate(supported)}
+    fitting = [(min(rank[x] for x in t if x in rank), f) for f, t in wheels if any(x in rank for x in t)]
+    if fitting:
+        return min(fitting, key=lambda rf: (rf[0], rf[1].filename))[1]
+    sdists = sorted((f for f in files if not f.is_wheel),
+                    key=lambda f: (not f.filename.endswith(".tar.gz"), f.filename))
+    return sdists[0] if sdists else None
+
+
+# --- getting the bytes ---------------------------------------------------------------------
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(_CHUNK), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _safe_filename(filename: str) -> str:
+    name = os.path.basename(filename)
+    if not name or name in (".", "..") or name != filename:
+        raise EnvironmentBuildError(f"refusing to vendor a file named {filename!r}")
+    return name
+
+
+class _Fetcher:
+    """Content-addressed download cache plus HTTP, with the index client's TLS and credentials."""
+
+    def __init__(self, settings: Settings, reuse: Sequence[Path]) -> None:
+        self.root = settings.home / WHEELS_DIR
+        self.timeout = max(settings.http_timeout, 60.0)
+        environ: Mapping[str, str] = settings.environ or os.environ
+        self.context = _ssl_context(environ)
+        # Credentials go only to the host of the index that has them (from its URL or ~/.netrc).
+        self.auth = {i.host: i.auth for i in (_Index.parse(u, environ) for u in settings.index_urls)
+                     if i.auth and i.host}
+        self.reuse = [Path(p) for p in reuse if Path(p).is_dir()]
+
+    def cached(self, f: DistFile) -> Path:
+        return self.root / f.sha256 / _safe_filename(f.filename)
+
+    def get(self, f: DistFile) -> tuple[Path, str]:
+        target = self.cached(f)
+        if target.is_file() and file_sha256(target) == f.sha256:
+            return target, "cache"
+        for folder in self.reuse:
+            cand = folder / _safe_filename(f.filename)
+            if cand.is_file() and file_sha256(cand) == f.sha256:
+                return cand, "reused"
+        self._download(f, target)
+        return target, "downloaded"
+
+    def _download(self, f: DistFile, target: Path) -> None:
+        parts = urlsplit(f.url)
+        if parts.scheme not in ("http", "https"):
+            raise _Failed(f"cannot download {f.url} (not an http(s) URL)")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.part")
+        headers = {"User-Agent": f"envlock/{__version__}"}
+        auth = self.auth.get(parts.hostname or "")
+        if auth:
+            headers["Authorization"] = auth
+        request = urllib.request.Request(f.url, headers=headers)
+        opener = urllib.request.build_opener(urllib.request.HTTPSHandler(context=self.context))
+        h = hashlib.sha256()
+        try:
+            with opener.open(request, timeout=self.timeout) as resp, open(tmp, "wb") as out:
+                for block in iter(lambda: resp.read(_CHUNK), b""):
+                    h.update(block)
+                    out.write(block)
+            if h.hexdigest() != f.sha256:
+                raise _Failed(f"{f.filename} from {f.url} has sha256 {h.hexdigest()}, the lock says "
+                              f"{f.sha256}")
+            os.replace(tmp, target)
+        except (urllib.error.URLError, OSError) as exc:
+            raise _Failed(f"could not download {f.url}: {getattr(exc, 'reason', None) or exc}") from exc
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+
+
+class _Failed(Exception):
+    pass
+
+
+# --- the whole lock ------------------------------------------------------------------------
+
+
+def _installable(pkg: LockedPackage) -> bool:
+    """Whether requirements.lock.txt lists ``pkg`` as something to install."""
+    return pkg.kind not in UNLOCKABLE_KINDS and not (pkg.kind == "archive" and not pkg.files)
+
+
+def vendor(packages: Iterable[LockedPackage], dists: Iterable[Mapping[str, Any]], settings: Settings, *,
+           reuse: Sequence[Path] = (), supported: Sequence[Tag] | None = None, max_workers: int = 4,
+           on_progress: Progress | None = None) -> VendorResult:
+    """The file of every installable locked package, checked against its sha256.
+
+    Raises EnvironmentBuildError naming every package whose file could not be had: a sidecar
+    asked to be self-contained must not be quietly incomplete.
+    """
+    tags = list(sys_tags()) if supported is None else list(supported)
+    dist_info = {str(d["name"]): d.get("dist_info") for d in dists}
+    fetcher = _Fetcher(settings, reuse)
+    chosen: list[tuple[LockedPackage, DistFile]] = []
+    not_vendored: list[dict[str, str]] = []
+    failures: list[str] = []
+    warnings: list[str] = []
+    for pkg in sorted(packages, key=lambda p: p.name):
+        if not _installable(pkg):
+            continue
+        if pkg.kind == "archive":
+            # A `name @ url` requirement is fetched from its URL whatever --find-links says.
+            not_vendored.append({"name": pkg.name, "version": pkg.version,
+                                 "reason": "installed from a direct URL, which the rebuild fetches"})
+            continue
+        if not pkg.files:
+            failures.append(f"{pkg.name} {pkg.version} ({pkg.error or 'no files known on the index'})")
+            continue
+        f = choose_file(pkg.files, installed_tags(dist_info.get(pkg.name)), tags)
+        if f is None:
+            failures.append(f"{pkg.name} {pkg.version} (no file on the index fits this interpreter)")
+            continue
+        if not f.is_wheel:
+            warnings.append(f"{pkg.name} {pkg.version} is vendored as its sdist ({f.filename}): an "
+                            "offline rebuild needs its build backend among the wheels")
+        chosen.append((pkg, f))
+
+    def fetch(item: tuple[LockedPackage, DistFile]) -> VendoredFile | str:
+        pkg, f = item
+        try:
+            path, source = fetcher.get(f)
+        except _Failed as exc:
+            return f"{pkg.name} {pkg.version} ({exc})"
+        if on_progress is not None:
+            on_progress(f"{source} {f.filename}")
+        return VendoredFile(pkg.name, pkg.version, f.filename, f.sha256, path, source)
+
+    files: list[VendoredFile] = []
+    with ThreadPoolExecutor(max_workers=max(1, max_workers), thread_name_prefix="envlock-vendor") as pool:
+        for got in pool.map(fetch, chosen):
+            if isinstance(got, str):
+                failures.append(got)
+            else:
+                files.append(got)
+    if failures:
+        raise EnvironmentBuildError(
+            f"could not vendor {len(failures)} package(s): " + "; ".join(failures),
+            hint="check that the index is reachable (the URLs are in pylock.toml), or save without --vendor")
+    return VendorResult(tuple(files), tuple(not_vendored), tuple(warnings))
+
+
+def sidecar_files(result: VendorResult) -> dict[str, Path]:
+    """``wheels/<file name>`` → the checked file, for sidecar.write_sidecar."""
+    return {f"{WHEELS_DIR}/{f.filename}": f.path for f in result.files}
