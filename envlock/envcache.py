@@ -345,6 +345,44 @@ def _emit(progress: Progress | None, stage: str, message: str) -> None:
         progress(BuildEvent(stage, message))
 
 
+# What uv and pip say when a pinned version has no file where they look (deleted from the index,
+# or missing from --find-links). A yanked version still installs: an == pin selects it (PEP 592).
+_UNAVAILABLE = (
+    re.compile(r"there is no version of ([A-Za-z0-9][A-Za-z0-9._-]*)(?:\[[^\]]*\])?==([^\s,]+)"),
+    re.compile(r"Because ([A-Za-z0-9][A-Za-z0-9._-]*) was not found in the "
+               r"(?:package registry|provided package locations|cache)"),
+    re.compile(r"No matching distribution found for ([A-Za-z0-9][A-Za-z0-9._-]*)(?:==([^\s;]+))?"),
+)
+
+
+def _unavailable(exc: CommandError, spec: EnvSpec, settings: Settings,
+                 offline: bool) -> EnvironmentBuildError | None:
+    """A failed install explained as "this locked version is not available", or None."""
+    text = exc.stderr_tail
+    names: dict[str, str] = {}
+    for pattern in _UNAVAILABLE:
+        for m in pattern.finditer(text):
+            name = str(canonicalize_name(m.group(1)))
+            names.setdefault(name, (m.group(2) if pattern.groups >= 2 else None) or "")
+    if not names:
+        return None
+    pins = locked_pins(spec.requirements_path.read_text(encoding="utf-8"))
+    shown = ", ".join(f"{n}=={v or pins.get(n, '?')}" for n, v in sorted(names.items()))
+    if spec.no_index:
+        where = "in " + (", ".join(spec.find_links) or "the given folders")
+    elif offline:
+        where = "in the installer's cache (offline)"
+    else:
+        where = "on " + ", ".join(settings.index_urls)
+        if spec.find_links:
+            where += " or in " + ", ".join(spec.find_links)
+    return EnvironmentBuildError(
+        f"{shown} not found {where}: the locked version is no longer available",
+        hint="pass --find-links DIR with a folder holding its wheel (checked against the lock's "
+             "hash); `envlock save --vendor` keeps every wheel in the sidecar",
+    )
+
+
 def _prompt(key: str) -> str:
     # Not the folder name, which during the build is the temporary one.
     return f"envlock-{key[:12]}"
@@ -550,10 +588,16 @@ class EnvCache:
         _emit(progress, "interpreter", f"Python {interp.version} at {interp.path} ({interp.source})")
         tmp = self.root / f"{_TMP_PREFIX}{spec.key}-{secrets.token_hex(4)}"
         try:
-            if uv is not None:
-                installer = self._build_uv(uv, spec, interp, tmp, progress)
-            else:
-                installer = self._build_pip(spec, interp, tmp, final, progress)
+            try:
+                if uv is not None:
+                    installer = self._build_uv(uv, spec, interp, tmp, progress)
+                else:
+                    installer = self._build_pip(spec, interp, tmp, final, progress)
+            except CommandError as exc:
+                unavailable = _unavailable(exc, spec, self.settings, self._offline(spec))
+                if unavailable is None:
+                    raise
+                raise unavailable from exc
             now = _iso(_now())
             marker = {
                 "schema": MARKER_SCHEMA,
