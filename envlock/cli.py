@@ -98,6 +98,14 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(func=cmd_env)
 
+    p = sub.add_parser("export", help="render the lock for another tool (a Dockerfile, a requirements file)")
+    p.add_argument("model")
+    p.add_argument("--format", "-f", required=True, metavar="FORMAT",
+                   help="dockerfile, requirements, ... (see envlock.exporting.FORMATS)")
+    p.add_argument("--output", "-o", type=Path, help="write here (default: stdout)")
+    _common(p)
+    p.set_defaults(func=cmd_export)
+
     p = sub.add_parser("cache", help="the environment cache")
     csub = p.add_subparsers(dest="cache_command", required=True, parser_class=_Parser)
     q = csub.add_parser("list", help="cached environments")
@@ -375,6 +383,19 @@ def cmd_env(args: argparse.Namespace, out: Out) -> int:
                        "python": str(resolved.python), "built": resolved.built})
         return 0
     sys.stdout.write(f"{resolved.env_path or Path(resolved.python).parent.parent}\n")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace, out: Out) -> int:
+    from envlock.exporting import export
+
+    result = export(args.model, args.format, output=args.output)
+    if out.json:
+        out.emit_json(result.to_json())
+    elif result.output is None:
+        sys.stdout.write(result.text)  # as is: no markup, wrapping or colour
+    else:
+        out.print(f"[bold green]wrote[/] {result.output} ({result.format})")
     return 0
 
 
