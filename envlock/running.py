@@ -106,7 +106,7 @@ def resolve_environment(sc: Sidecar, *, settings: Settings, strategy: str = "aut
     if strategy == "conda" and not conda:
         raise EnvironmentBuildError("the conda strategy needs a conda-lock.yml in the sidecar; "
                                     "this sidecar was captured outside conda")
-    if strategy == "current" or (strategy == "auto" and current_satisfies(sc) and not conda):
+    if strategy == "current" or (strategy == "auto" and not conda and current_satisfies(sc)):
         return Resolved("current", Path(sys.executable), None, False)
     if conda and strategy != "venv":  # auto or conda: a conda lock is rebuilt with its conda packages
         from envlock.condaenv import CondaSpec, current_matches, ensure_conda_env

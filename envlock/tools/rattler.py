@@ -20,6 +20,7 @@ venv (see :mod:`envlock.envcache`).
 from __future__ import annotations
 
 import json
+import re
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -32,6 +33,8 @@ from envlock import proc
 from envlock.errors import EnvironmentBuildError, ToolNotFoundError
 
 INSTALL_HINT = "install py-rattler (`pip install 'envlock[conda]'`), or conda/mamba/micromamba"
+# The oldest py-rattler tested; install(alternative_target_prefix=...) is recent (2026).
+MIN_VERSION = (0, 28)
 # Repodata fields py-rattler's PackageRecord carries beyond what index.json holds.
 _REPODATA_ONLY = ("size", "sha256", "md5", "indexed_timestamp", "fn", "url", "channel")
 
@@ -48,17 +51,24 @@ def find_rattler(python: Path | None = None) -> Rattler:
     """py-rattler in this interpreter (the helper runs with it); ToolNotFoundError otherwise."""
     exe = Path(python or sys.executable)
     if python is None or Path(python) == Path(sys.executable):
-        if find_spec("rattler") is not None:
-            try:
-                return Rattler(exe, metadata.version("py-rattler"))
-            except metadata.PackageNotFoundError:
-                return Rattler(exe, "unknown")
-        raise ToolNotFoundError("py-rattler", [f"{exe} (import rattler)"], hint=INSTALL_HINT)
-    done = proc.run([exe, "-c", "import importlib.metadata as m, rattler; print(m.version('py-rattler'))"],
-                    check=False)
-    if done.returncode != 0:
-        raise ToolNotFoundError("py-rattler", [f"{exe} (import rattler)"], hint=INSTALL_HINT)
-    return Rattler(exe, done.stdout.strip())
+        if find_spec("rattler") is None:
+            raise ToolNotFoundError("py-rattler", [f"{exe} (import rattler)"], hint=INSTALL_HINT)
+        try:
+            found = Rattler(exe, metadata.version("py-rattler"))
+        except metadata.PackageNotFoundError:
+            found = Rattler(exe, "0")
+    else:
+        probe = "import importlib.metadata as m, rattler; print(m.version('py-rattler'))"
+        done = proc.run([exe, "-c", probe], check=False)
+        if done.returncode != 0:
+            raise ToolNotFoundError("py-rattler", [f"{exe} (import rattler)"], hint=INSTALL_HINT)
+        found = Rattler(exe, done.stdout.strip())
+    have = tuple(int(p) for p in re.findall(r"\d+", found.version)[:2])
+    if have < MIN_VERSION:
+        need = ".".join(map(str, MIN_VERSION))
+        raise EnvironmentBuildError(f"py-rattler {found.version} is too old (envlock needs {need} or newer)",
+                                    hint=f"pip install -U 'py-rattler>={need}'")
+    return found
 
 
 _BOOT = ("import sys; sys.path.insert(0, sys.argv[1]); "
