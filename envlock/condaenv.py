@@ -33,18 +33,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from packaging.requirements import InvalidRequirement, Requirement
+from packaging.utils import canonicalize_name
+
 from envlock import condalock
 from envlock.condalock import CondaLock
 from envlock.envcache import (
+    _HASH_RE,
     BuildEvent,
     Env,
     EnvCache,
+    _logical_lines,
     _retarget_scripts,
+    all_hashed,
     canonical_lock,
     env_python,
+    locked_pins,
 )
 from envlock.errors import EnvironmentBuildError, SidecarError, ToolNotFoundError
-from envlock.lockfiles import read_requirements
 from envlock.settings import Settings
 from envlock.tools import conda as conda_tool
 from envlock.tools import pip as pip_tool
@@ -83,30 +89,44 @@ class CondaSpec:
                 "the conda strategy needs a conda-lock.yml in the sidecar; this sidecar was captured "
                 "outside conda", hint="use --strategy venv")
         reqs = sc.file("requirements.lock.txt")
-        hashes = _hashes_by_pin(reqs.read_text(encoding="utf-8")) if reqs.is_file() else {}
-        text = pip_requirements(lock, hashes)
+        text = pip_requirements(lock, reqs.read_text(encoding="utf-8") if reqs.is_file() else "")
         wheels = sc.file("wheels")
         links = (*find_links, *((str(wheels),) if wheels.is_dir() else ()))
         vendored = wheels.is_dir() and bool(sc.get("packages", "vendored", "complete"))
         return cls(key=conda_key(lock, text), lock=lock, pip_requirements=text,
-                   require_hashes=all(p.sha256 or hashes.get((p.name, p.version)) for p in lock.pip),
+                   require_hashes=all_hashed(text) or not lock.pip,
                    find_links=tuple(links), no_index=vendored, offline=True if vendored else None)
 
 
-def _hashes_by_pin(requirements_text: str) -> dict[tuple[str, str], tuple[str, ...]]:
-    return {(name, version): hashes for name, version, hashes in read_requirements(requirements_text)}
+def _locked_lines(requirements_text: str) -> dict[str, str]:
+    """``{canonical name: requirement line}`` from requirements.lock.txt (continuations joined)."""
+    out: dict[str, str] = {}
+    for line in _logical_lines(requirements_text):
+        if line.startswith("-"):
+            continue
+        try:
+            req = Requirement(_HASH_RE.sub("", line).strip())
+        except InvalidRequirement:
+            continue
+        out[str(canonicalize_name(req.name))] = line
+    return out
 
 
-def pip_requirements(lock: CondaLock, hashes: Mapping[tuple[str, str], Sequence[str]]) -> str:
-    """The pip part as ``name==version --hash=…`` lines. Every file hash the sidecar's
-    requirements.lock.txt knows for that version counts (the installer may pick another wheel
-    of the same release on this machine), else the one conda-lock.yml records."""
+def pip_requirements(lock: CondaLock, requirements_text: str = "") -> str:
+    """The pip part, one requirement per line. Each is the sidecar's requirements.lock.txt line
+    for that distribution when the version matches: every file hash of the release (the
+    installer may pick another wheel of it on this machine), or ``name @ url`` for a direct
+    archive. Else what conda-lock.yml records: ``name==version`` and the installed file's hash."""
+    locked = _locked_lines(requirements_text)
+    pins = locked_pins(requirements_text)
     lines = ["# The pip part of a conda environment, written by envlock (installed with --no-deps)."]
     for p in sorted(lock.pip, key=lambda p: p.name):
-        known = [h.split(":", 1)[-1] for h in hashes.get((p.name, p.version), ())]
-        if p.sha256 and p.sha256 not in known:
-            known.append(p.sha256)
-        lines.append(f"{p.name}=={p.version}" + "".join(f" --hash=sha256:{h}" for h in sorted(known)))
+        line = locked.get(p.name)
+        direct = line is not None and " @ " in _HASH_RE.sub("", line)
+        if line is not None and (direct or pins.get(p.name) == p.version) and _HASH_RE.search(line):
+            lines.append(line)
+        else:
+            lines.append(f"{p.name}=={p.version}" + (f" --hash=sha256:{p.sha256}" if p.sha256 else ""))
     return "\n".join(lines) + "\n"
 
 

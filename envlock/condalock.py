@@ -42,7 +42,7 @@ from packaging.tags import Tag, parse_tag, sys_tags
 from packaging.utils import InvalidWheelFilename, canonicalize_name, parse_wheel_filename
 
 from envlock import templating
-from envlock.errors import BadInputError, EnvironmentBuildError, SidecarError
+from envlock.errors import BadInputError, SidecarError
 from envlock.lockfiles import LockedPackage
 
 LOCKFILE = "conda-lock.yml"
@@ -125,6 +125,7 @@ class CondaCapture:
     lock: CondaLock
     text: str
     manifest: dict[str, Any]
+    warnings: tuple[str, ...] = ()
 
 
 # --- platform --------------------------------------------------------------------------------
@@ -193,19 +194,26 @@ def _spec_dict(specs: Iterable[str]) -> dict[str, str]:
 # --- capture ---------------------------------------------------------------------------------
 
 
-def read_conda_meta(prefix: Path) -> list[dict[str, Any]]:
-    """The records in ``prefix/conda-meta``, sorted by name. Unreadable files are an error: a
-    lock that silently left a package out would rebuild another environment."""
-    records = []
+def read_conda_meta(prefix: Path) -> tuple[list[dict[str, Any]], list[str]]:
+    """The records in ``prefix/conda-meta`` that can be locked, sorted by name, and what was
+    left out and why (an unreadable file; a record with no URL, which no installer can fetch
+    again): the caller says so, since a rebuild will not hold those."""
+    records: list[dict[str, Any]] = []
+    left_out: list[str] = []
     for path in sorted((prefix / "conda-meta").glob("*.json")):
         try:
             doc = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
-            raise EnvironmentBuildError(f"{path}: not a readable conda record ({exc})") from exc
-        if not isinstance(doc, dict) or not doc.get("name") or not doc.get("url"):
-            raise EnvironmentBuildError(f"{path}: a conda record without a name or url")
-        records.append(doc)
-    return sorted(records, key=lambda r: str(r["name"]))
+            left_out.append(f"conda-meta/{path.name} is not readable ({type(exc).__name__})")
+            continue
+        if not isinstance(doc, dict) or not doc.get("name"):
+            left_out.append(f"conda-meta/{path.name} is not a conda record")
+        elif not doc.get("url") or not doc.get("md5"):
+            left_out.append(f"conda package {doc['name']} {doc.get('version')} has no "
+                            f"{'url' if not doc.get('url') else 'md5'} in conda-meta")
+        else:
+            records.append(doc)
+    return sorted(records, key=lambda r: str(r["name"])), left_out
 
 
 def owned_dist_infos(records: Iterable[Mapping[str, Any]]) -> set[str]:
@@ -285,7 +293,7 @@ def capture(prefix: Path, dists: Sequence[Mapping[str, Any]], packages: Sequence
             platform: str | None = None) -> CondaCapture:
     """Lock the conda environment at ``prefix``: its conda records, and the distributions
     pip installed on top (from ``dists``, the inventory, and ``packages``, their hashes)."""
-    records = read_conda_meta(prefix)
+    records, left_out = read_conda_meta(prefix)
     owned = owned_dist_infos(records)
     subdirs = [str(r.get("subdir")) for r in records if r.get("subdir") not in (None, "", "noarch")]
     plat = platform or (max(set(subdirs), key=subdirs.count) if subdirs else this_platform())
@@ -338,10 +346,12 @@ def capture(prefix: Path, dists: Sequence[Mapping[str, Any]], packages: Sequence
         "pip_packages": len(pip),
         "conda_owned_distributions": sorted(conda_owned),
         "pip_not_locked": sorted(not_locked),
+        "conda_not_locked": left_out,
         "content_hash": lock.content_hash(),
         "records": extra,
     }
-    return CondaCapture(lock=lock, text=dumps(lock), manifest=manifest)
+    warnings = [f"{what}: left out of {LOCKFILE}, a rebuild will not hold it" for what in left_out]
+    return CondaCapture(lock=lock, text=dumps(lock), manifest=manifest, warnings=tuple(warnings))
 
 
 # --- the conda-lock v1 document ------------------------------------------------------------

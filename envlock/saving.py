@@ -442,6 +442,7 @@ def _write(path: Path, info: ModelInfo, settings: Settings, options: SaveOptions
 
         conda = condalock.capture(Path(sys.prefix), dists, packages)
         files[condalock.LOCKFILE] = conda.text.encode()
+        warnings.extend(conda.warnings)
     # What conda installed is locked by conda-lock.yml, whatever its PEP 610 record says.
     by_conda = set(conda.manifest["conda_owned_distributions"]) if conda else set()
     python = host["python"]

@@ -324,10 +324,32 @@ def test_explicit_and_environment_yml_renderings() -> None:
     assert env["dependencies"][-1] == {"pip": [f"numpy==1.26.4 --hash=sha256:{'f' * 64}"]}
 
 
-def test_pip_part_takes_every_known_hash_of_the_version() -> None:
+def test_pip_part_takes_the_lock_line_of_the_same_version() -> None:
     lock = _lock()
-    text = pip_requirements(lock, {("numpy", "1.26.4"): ("sha256:" + "1" * 64,)})
-    assert f"numpy==1.26.4 --hash=sha256:{'1' * 64} --hash=sha256:{'f' * 64}" in text
+    one, two, f = "1" * 64, "2" * 64, "f" * 64
+    reqs = f"numpy==1.26.4 \\\n    --hash=sha256:{one} \\\n    --hash=sha256:{f}\n    # via keras\n"
+    assert f"numpy==1.26.4 --hash=sha256:{one} --hash=sha256:{f}\n" in pip_requirements(lock, reqs)
+    # another version in requirements.lock.txt: conda-lock.yml's own pin and hash
+    other = pip_requirements(lock, f"numpy==2.0.0 --hash=sha256:{two}\n")
+    assert f"numpy==1.26.4 --hash=sha256:{f}\n" in other
+    # a direct archive stays a direct reference
+    direct = f"numpy @ https://example.org/numpy-1.26.4-py3-none-any.whl --hash=sha256:{two}"
+    assert direct + "\n" in pip_requirements(lock, direct + "\n")
+
+
+def test_capture_leaves_out_what_cannot_be_fetched_again(tmp_path: Path) -> None:
+    meta = tmp_path / "conda-meta"
+    meta.mkdir()
+    base = {"version": "1.0", "build": "0", "depends": [], "subdir": PLATFORM, "md5": "a" * 32,
+            "channel": "https://conda.anaconda.org/conda-forge/" + PLATFORM}
+    (meta / "ok-1.0-0.json").write_text(json.dumps({**base, "name": "ok", "files": [],
+                                                    "url": f"{base['channel']}/ok-1.0-0.conda"}))
+    (meta / "local-1.0-0.json").write_text(json.dumps({**base, "name": "local"}))
+    (meta / "broken.json").write_text("{")
+    cap = condalock.capture(tmp_path, [], [], platform=PLATFORM)
+    assert [p.name for p in cap.lock.conda] == ["ok"] and cap.lock.channels == ("conda-forge",)
+    assert len(cap.warnings) == 2 and any("local 1.0 has no url" in w for w in cap.warnings)
+    assert cap.manifest["records"]["ok-1.0-0.conda"]["channel"].endswith(PLATFORM)
 
 
 def test_tool_discovery_names_what_it_searched(tmp_path: Path) -> None:
