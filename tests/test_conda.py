@@ -589,3 +589,28 @@ def test_export_explicit_and_environment_yml(conda_model: Path, tmp_path: Path) 
     assert {f"{p.name}={p.version}={p.build}" for p in lock.conda} <= set(specs)
     pip_section = pip["pip"]
     assert len(pip_section) == len(lock.pip) and all("--hash=sha256:" in line for line in pip_section)
+
+
+@pytest.mark.slow
+def test_a_killed_conda_build_leaves_nothing_that_looks_complete(conda_model: Path, tmp_path: Path) -> None:
+    import signal
+
+    home = tmp_path / "home"
+    env = {**os.environ, "ENVLOCK_HOME": str(home), "RATTLER_CACHE_DIR": str(tmp_path / "rattler")}
+    argv = [sys.executable, "-m", "envlock", "env", str(conda_model), "--strategy", "conda"]
+    child = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)
+    envs = home / "envs"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not any(p.name.startswith(".tmp-") for p in
+                                                  (envs.iterdir() if envs.is_dir() else ())):
+        time.sleep(0.02)
+    os.killpg(child.pid, signal.SIGKILL)  # envlock and, with it, the rattler helper
+    child.wait(timeout=30)
+    assert any(p.name.startswith(".tmp-") for p in envs.iterdir()), "the build never started"
+    assert not [p for p in envs.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    res = run_cli("env", str(conda_model), "--strategy", "conda", "--json",
+                  env={"ENVLOCK_HOME": str(home), "RATTLER_CACHE_DIR": str(tmp_path / "rattler")})
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["built"] is True
+    assert sorted(p.name for p in envs.iterdir() if p.name.startswith(".")) == []
