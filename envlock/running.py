@@ -255,8 +255,10 @@ class ModelSession:
                                    log_path=self._log_path(), cwd=os.getcwd(), timeout=self.timeout)
         self.client.start()
         customs = self.sidecar.get("custom_objects") or []
+        # Not "<unknown>": a registered name that nothing resolved at save names no module.
         modules = sorted({c["module"] for c in customs
                           if c.get("module") and c["module"] not in ("__main__", MAIN_MODULE)
+                          and all(part.isidentifier() for part in c["module"].split("."))
                           and not c.get("defined_in_main")})
         if any(c.get("defined_in_main") for c in customs) and code_path:
             modules.append(MAIN_MODULE)

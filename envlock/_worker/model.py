@@ -219,11 +219,24 @@ def _sys_path_root(file_path: str, module: str):  # type: ignore[no-untyped-def]
     return root
 
 
-def _registered(name):  # type: ignore[no-untyped-def]
+def _registry_function(name):  # type: ignore[no-untyped-def]
+    """keras.saving.<name>, else keras.utils.<name>, else tf.keras.utils.<name>: Keras 2.12's
+    standalone ``keras.utils`` has get_registered_name but not get_registered_object."""
     keras = import_keras()
-    saving = getattr(keras, "saving", None)
-    getter = getattr(saving, "get_registered_object", None) or getattr(
-        getattr(keras, "utils", None), "get_registered_object", None)
+    holders = [getattr(keras, "saving", None), getattr(keras, "utils", None)]
+    tf = import_tf()
+    if tf is not None:
+        with contextlib.suppress(Exception):
+            holders.append(tf.keras.utils)
+    for holder in holders:
+        fn = getattr(holder, name, None)
+        if fn is not None:
+            return fn
+    return None
+
+
+def _registered(name):  # type: ignore[no-untyped-def]
+    getter = _registry_function("get_registered_object")
     try:
         return getter(name) if getter is not None else None
     except Exception:
@@ -231,9 +244,7 @@ def _registered(name):  # type: ignore[no-untyped-def]
 
 
 def _registered_name(obj):  # type: ignore[no-untyped-def]
-    keras = import_keras()
-    getter = getattr(getattr(keras, "saving", None), "get_registered_name", None) or getattr(
-        getattr(keras, "utils", None), "get_registered_name", None)
+    getter = _registry_function("get_registered_name")
     try:
         name = getter(obj) if getter is not None else None
     except Exception:
@@ -316,7 +327,13 @@ def custom_objects(model, config) -> list:  # type: ignore[no-untyped-def,type-a
             found.setdefault((cls.__module__, cls.__qualname__), _registered_name(cls))
             model_classes[(cls.__module__, cls.__qualname__)] = cls
     if config is not None:
-        _walk_config(config, found)
+        from_config = {}
+        _walk_config(config, from_config)
+        # A registered name the model's own classes already answer for is not another object.
+        known = {r for r in found.values() if r}
+        for key, registered in from_config.items():
+            if not (key[0] == "<registered>" and key[1] in known):
+                found.setdefault(key, registered)
     out = []
     seen = set()
     for (module, name), registered in sorted(found.items(), key=lambda kv: (kv[0][0], str(kv[0][1]))):
@@ -437,10 +454,11 @@ def stored_weights(path: str) -> list:  # type: ignore[type-arg]
         reader = tf.train.load_checkpoint(prefix)
         for key in sorted(reader.get_variable_to_shape_map()):
             # Neither the optimizer's state nor compiled metrics' counters (keras_api/metrics/...)
-            # are part of what the model computes.
+            # are part of what the model computes. Keras 3's model.export() saves every variable
+            # twice, under variables/ and _all_variables/ (separate objects, same values).
             top = key.split("/")[0]
             if not key.endswith(".ATTRIBUTES/VARIABLE_VALUE") or "optimizer" in top \
-                    or key.startswith("keras_api/metrics/"):
+                    or key.startswith("keras_api/metrics/") or top == "_all_variables":
                 continue
             parts = key.split("/")
             layer = parts[-3] if len(parts) >= 3 else key
