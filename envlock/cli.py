@@ -92,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("env", help="build (or find) the locked environment and print its path")
     p.add_argument("model")
-    p.add_argument("--strategy", default="venv", choices=["auto", "current", "venv", "conda"])
+    p.add_argument("--strategy", choices=["auto", "current", "venv", "conda"],
+                   help="default: conda when the sidecar holds a conda-lock.yml, else venv")
     p.add_argument("--allow-python-download", action="store_true")
     p.add_argument("--find-links", action="append", default=[], metavar="DIR")
     _common(p)
@@ -374,7 +375,8 @@ def cmd_env(args: argparse.Namespace, out: Out) -> int:
     from envlock.sidecar import read_sidecar
 
     sc = read_sidecar(args.model)
-    resolved = resolve_environment(sc, settings=Settings.from_env(), strategy=args.strategy,
+    strategy = args.strategy or ("conda" if sc.file("conda-lock.yml").is_file() else "venv")
+    resolved = resolve_environment(sc, settings=Settings.from_env(), strategy=strategy,
                                    allow_python_download=args.allow_python_download,
                                    find_links=tuple(args.find_links), on_event=out.build_event)
     if out.json:
