@@ -414,6 +414,7 @@ class EnvCache:
         self.settings = settings
         self.root = settings.env_cache
         self.installer = installer
+        self._uv_versions: dict[Path, str] = {}
 
     # paths
 
@@ -449,6 +450,8 @@ class EnvCache:
 
     def _info(self, key: str, doc: Mapping[str, object]) -> EnvInfo:
         size = doc.get("size")
+        if not isinstance(size, int):
+            size = self._measure(key, doc)
         return EnvInfo(
             key=key,
             path=self.path_for(key),
@@ -457,8 +460,18 @@ class EnvCache:
             installer=str(doc.get("installer", "")),
             created=_parse_time(doc.get("created")),
             last_used=_parse_time(doc.get("last_used")),
-            size=size if isinstance(size, int) else 0,
+            size=size,
         )
+
+    def _measure(self, key: str, doc: Mapping[str, object]) -> int:
+        """Size of a complete environment, recorded in its marker the first time it is asked."""
+        size = _tree_size(self.path_for(key))
+        with self._try_lock(key) as got:
+            current = self._read_marker(key) if got else None
+            if current is not None:
+                with contextlib.suppress(OSError):
+                    _write_json_atomic(self.path_for(key) / MARKER, {**current, "size": size})
+        return size
 
     def list(self) -> builtins.list[EnvInfo]:
         """Complete environments, most recently used first."""
@@ -536,7 +549,7 @@ class EnvCache:
             fields = dict(fill(where))
             now = _iso(_now())
             marker = {"schema": MARKER_SCHEMA, **fields, "key": key, "envlock": envlock.__version__,
-                      "created": now, "last_used": now, "size": _tree_size(where)}
+                      "created": now, "last_used": now, "size": None}
             _write_json_atomic(where / MARKER, marker)
             if not in_place:
                 os.rename(where, final)
@@ -610,7 +623,9 @@ class EnvCache:
                 "envlock": envlock.__version__,
                 "created": now,
                 "last_used": now,
-                "size": _tree_size(tmp),
+                # Measured when `cache list`/`gc` first needs it: walking ~25k files of a
+                # TensorFlow environment is a tenth of its whole build.
+                "size": None,
             }
             # Last: the marker is what makes the folder count as complete.
             _write_json_atomic(tmp / MARKER, marker)
@@ -632,12 +647,18 @@ class EnvCache:
                 raise
             _emit(progress, "warning", "uv not found: building with pip, which is slower")
             return None
-        have = uv_tool.version(uv)
+        have = self._uv_version(uv)
         if uv_tool.version_tuple(have) < uv_tool.MIN_VERSION:
             need = ".".join(map(str, uv_tool.MIN_VERSION))
             raise EnvironmentBuildError(f"uv {have} at {uv} is too old (envlock needs {need} or newer)",
                                         hint="upgrade uv (`uv self update` or `pip install -U uv`)")
         return uv
+
+    def _uv_version(self, uv: Path) -> str:
+        # One `uv --version` per cache object, not one per use: each is a process start.
+        if uv not in self._uv_versions:
+            self._uv_versions[uv] = uv_tool.version(uv)
+        return self._uv_versions[uv]
 
     def _offline(self, spec: EnvSpec) -> bool:
         return self.settings.offline if spec.offline is None else spec.offline
@@ -656,7 +677,7 @@ class EnvCache:
             no_index=spec.no_index,
             on_line=lambda line: _emit(progress, "output", line),
         )
-        return f"uv {uv_tool.version(uv)}"
+        return f"uv {self._uv_version(uv)}"
 
     def _build_pip(self, spec: EnvSpec, interp: Interpreter, tmp: Path, final: Path,
                    progress: Progress | None) -> str:
