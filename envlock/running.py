@@ -235,7 +235,12 @@ class ModelSession:
                     "this machine; it runs when the model loads",
                     hint="read it, then pass --trust-code once to trust this sidecar")
             trust(self.settings, self.sidecar, reason="--trust-code")
-        return [str(code)]
+        # Import from a private copy of the files just verified: Python would otherwise write
+        # __pycache__ into the sidecar, and the files could change between check and import.
+        copy = self._tmp / "code"
+        if not copy.exists():
+            shutil.copytree(code, copy, ignore=shutil.ignore_patterns("__pycache__"))
+        return [str(copy)]
 
     def open(self) -> ModelSession:
         t = time.perf_counter()

@@ -311,6 +311,9 @@ def test_four_concurrent_runs_build_once(saved_tiny: Path, data: Path, tmp_path:
     ref = np.load(data / "ref.npy")
     for i in range(4):
         assert _bitwise_equal(np.load(tmp_path / f"y{i}.npy"), ref)
+    # The workers imported tinylayers from the sidecar's code/, through a private copy:
+    # running leaves the sidecar exactly as saved.
+    assert not list((saved_tiny.parent / "model.keras.envlock").rglob("__pycache__"))
 
 
 def test_build_killed_with_sigkill_leaves_nothing_that_looks_complete(
