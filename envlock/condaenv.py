@@ -33,7 +33,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import canonicalize_name
 
 from envlock import condalock
@@ -43,12 +42,12 @@ from envlock.envcache import (
     BuildEvent,
     Env,
     EnvCache,
-    _logical_lines,
     _retarget_scripts,
     all_hashed,
     canonical_lock,
     env_python,
     locked_pins,
+    locked_requirements,
 )
 from envlock.errors import EnvironmentBuildError, SidecarError, ToolNotFoundError
 from envlock.settings import Settings
@@ -100,16 +99,8 @@ class CondaSpec:
 
 def _locked_lines(requirements_text: str) -> dict[str, str]:
     """``{canonical name: requirement line}`` from requirements.lock.txt (continuations joined)."""
-    out: dict[str, str] = {}
-    for line in _logical_lines(requirements_text):
-        if line.startswith("-"):
-            continue
-        try:
-            req = Requirement(_HASH_RE.sub("", line).strip())
-        except InvalidRequirement:
-            continue
-        out[str(canonicalize_name(req.name))] = line
-    return out
+    return {str(canonicalize_name(req.name)): line
+            for req, line in locked_requirements(requirements_text)}
 
 
 def pip_requirements(lock: CondaLock, requirements_text: str = "") -> str:

@@ -146,16 +146,21 @@ def default_platform_tag() -> str:
     return sysconfig.get_platform()
 
 
-def locked_pins(requirements_text: str) -> dict[str, str]:
-    """``{canonical name: version}`` for every ``name==version`` line (markers not evaluated)."""
-    pins: dict[str, str] = {}
+def locked_requirements(requirements_text: str) -> Iterator[tuple[Requirement, str]]:
+    """Each requirement of a lock file with its whole logical line (options and comments skipped)."""
     for line in _logical_lines(requirements_text):
         if line.startswith("-"):
             continue
         try:
-            req = Requirement(_HASH_RE.sub("", line).strip())
+            yield Requirement(_HASH_RE.sub("", line).strip()), line
         except InvalidRequirement:
             continue
+
+
+def locked_pins(requirements_text: str) -> dict[str, str]:
+    """``{canonical name: version}`` for every ``name==version`` line (markers not evaluated)."""
+    pins: dict[str, str] = {}
+    for req, _ in locked_requirements(requirements_text):
         exact = [s.version for s in req.specifier if s.operator in ("==", "===")]
         if exact:
             pins[str(canonicalize_name(req.name))] = exact[0]

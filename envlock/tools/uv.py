@@ -131,6 +131,27 @@ def venv(uv: Path, path: Path, python: Path, *, relocatable: bool = True,
     proc.run(argv, env=uv_env(), cwd=path.parent, what=f"uv could not create a virtual environment at {path}")
 
 
+def _install_options(*, require_hashes: bool, index_urls: Sequence[str],
+                     find_links: Sequence[Path | str], offline: bool, no_index: bool) -> list[str]:
+    """The hash, index and offline flags shared by ``uv pip sync`` and ``uv pip install``."""
+    opts: list[str] = []
+    if require_hashes:
+        opts.append("--require-hashes")
+    if no_index:
+        opts.append("--no-index")
+    elif index_urls:
+        opts += ["--index-url", index_urls[0]]
+        for extra in index_urls[1:]:
+            opts += ["--extra-index-url", extra]
+        if len(index_urls) > 1 and require_hashes:
+            opts += ["--index-strategy", "unsafe-best-match"]
+    for link in find_links:
+        opts += ["--find-links", _link(link)]
+    if offline:
+        opts.append("--offline")
+    return opts
+
+
 def pip_sync(
     uv: Path,
     python: Path,
@@ -157,20 +178,8 @@ def pip_sync(
         uv, "pip", "sync", "--no-config", "--no-python-downloads", "--color", "never",
         "--python", python,
     ]
-    if require_hashes:
-        argv.append("--require-hashes")
-    if no_index:
-        argv.append("--no-index")
-    elif index_urls:
-        argv += ["--index-url", index_urls[0]]
-        for extra in index_urls[1:]:
-            argv += ["--extra-index-url", extra]
-        if len(index_urls) > 1 and require_hashes:
-            argv += ["--index-strategy", "unsafe-best-match"]
-    for link in find_links:
-        argv += ["--find-links", _link(link)]
-    if offline:
-        argv.append("--offline")
+    argv += _install_options(require_hashes=require_hashes, index_urls=index_urls,
+                             find_links=find_links, offline=offline, no_index=no_index)
     argv.append(requirements_path)
     proc.run(
         argv,
@@ -202,20 +211,8 @@ def pip_install(
         uv, "pip", "install", "--no-config", "--no-python-downloads", "--color", "never",
         "--python", python, "--no-deps",
     ]
-    if require_hashes:
-        argv.append("--require-hashes")
-    if no_index:
-        argv.append("--no-index")
-    elif index_urls:
-        argv += ["--index-url", index_urls[0]]
-        for extra in index_urls[1:]:
-            argv += ["--extra-index-url", extra]
-        if len(index_urls) > 1 and require_hashes:
-            argv += ["--index-strategy", "unsafe-best-match"]
-    for link in find_links:
-        argv += ["--find-links", _link(link)]
-    if offline:
-        argv.append("--offline")
+    argv += _install_options(require_hashes=require_hashes, index_urls=index_urls,
+                             find_links=find_links, offline=offline, no_index=no_index)
     argv += ["-r", requirements_path]
     proc.run(argv, env=uv_env(), cwd=requirements_path.parent,
              what=f"uv could not install {requirements_path.name}", on_stderr_line=on_line)
