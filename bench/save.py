@@ -42,8 +42,11 @@ _FIRST = """
 import os, sys, time
 sys.path[:0] = [{bench!r}, {example!r}]
 import save as bench
-from envlock.saving import save
+from envlock.saving import prewarm, save
 from envlock.settings import Settings
+if {prewarm!r}:
+    prewarm(settings=Settings.from_env({{**os.environ, "ENVLOCK_HOME": {home!r}}}))
+    time.sleep(3)  # stands in for training, which takes longer than TensorFlow's import
 model = bench.build_model()
 model.save({warm!r})
 settings = Settings.from_env({{**os.environ, "ENVLOCK_HOME": {home!r}}})
@@ -53,14 +56,16 @@ print(time.perf_counter() - t)
 """
 
 
-def _first_save_in_fresh_process(work: Path, i: int) -> float:
-    """envlock.save as the first save of a fresh process, with an empty hash cache."""
+def _first_save_in_fresh_process(work: Path, i: int, *, prewarm: bool = False) -> float:
+    """envlock.save as the first save of a fresh process, with an empty hash cache; with
+    ``prewarm``, after envlock.prewarm() at the top of the script."""
     import subprocess
 
     here = Path(__file__).resolve().parent
     code = _FIRST.format(bench=str(here), example=str(here.parent / "examples" / "quickstart"),
-                         warm=str(work / f"first-warm{i}.keras"), home=str(work / f"first-home{i}"),
-                         target=str(work / f"first{i}.keras"))
+                         warm=str(work / f"first-warm{i}-{prewarm}.keras"),
+                         home=str(work / f"first-home{i}-{prewarm}"),
+                         target=str(work / f"first{i}-{prewarm}.keras"), prewarm=prewarm)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
 
@@ -92,6 +97,7 @@ def main() -> int:
             return time.perf_counter() - t, result.seconds
 
         first = [_first_save_in_fresh_process(work, i) for i in range(args.repeat)]
+        warmed = [_first_save_in_fresh_process(work, i, prewarm=True) for i in range(args.repeat)]
         envlock_save(work / "home-warmup", "warmup-envlock.keras")  # starts the reload worker
         cold, warm = [], []
         detail = {}
@@ -102,22 +108,26 @@ def main() -> int:
             secs, detail["warm"] = envlock_save(home, f"warm{i}.keras")
             warm.append(secs)
         f, c, w = statistics.median(first), statistics.median(cold), statistics.median(warm)
+        p = statistics.median(warmed)
         rows = [
             ("keras model.save", base),
             ("first envlock.save in a process", f),
+            ("first save after envlock.prewarm()", p),
             ("later save, cold hash cache", c),
             ("later save, warm hash cache", w),
         ]
         print(f"{'':34} {'seconds':>8} {'ratio':>9} {'added s':>8}")
         for name, s in rows:
             print(f"{name:34} {s:8.3f} {s / base:8.1f}x {s - base:8.3f}")
-        print(f"\ntargets: added cold <= 2.0 s: first save {'met' if f - base <= 2.0 else 'NOT met'}, "
+        print(f"\ntargets: added cold <= 2.0 s: first save {'met' if f - base <= 2.0 else 'NOT met'} "
+              f"({'met' if p - base <= 2.0 else 'NOT met'} after prewarm), "
               f"later saves {'met' if c - base <= 2.0 else 'NOT met'}; added warm <= 0.5 s: "
               f"{'met' if w - base <= 0.5 else 'NOT met'}")
         print(f"phases (last cold run): {json.dumps({k: round(v, 3) for k, v in detail['cold'].items()})}")
         print(f"phases (last warm run): {json.dumps({k: round(v, 3) for k, v in detail['warm'].items()})}")
         if args.json:
-            args.json.write_text(json.dumps({"keras_save": base, "first": f, "cold": c, "warm": w,
+            args.json.write_text(json.dumps({"keras_save": base, "first": f, "first_prewarmed": p,
+                                             "cold": c, "warm": w,
                                              "phases": detail}))
     finally:
         shutil.rmtree(work, ignore_errors=True)

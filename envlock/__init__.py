@@ -6,10 +6,10 @@ __version__ = "0.1.0"
 
 from typing import Any
 
-__all__ = ["__version__", "load", "lock", "run", "save"]
+__all__ = ["__version__", "load", "lock", "prewarm", "run", "save"]
 
-_API = {"save": "envlock.saving", "lock": "envlock.saving", "load": "envlock.running",
-        "run": "envlock.running"}
+_API = {"save": "envlock.saving", "lock": "envlock.saving", "prewarm": "envlock.saving",
+        "load": "envlock.running", "run": "envlock.running"}
 
 
 def __getattr__(name: str) -> Any:

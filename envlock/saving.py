@@ -110,7 +110,8 @@ class _Reloader:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._idle: tuple[str, WorkerClient] | None = None
+        # (key, worker, the ticket of its pending `prepare`, or None once answered)
+        self._idle: tuple[str, WorkerClient, tuple[int, str] | None] | None = None
         atexit.register(self.close)
 
     def acquire(self, key: str, start: Callable[[], tuple[WorkerClient, tuple[int, str]]]
@@ -119,15 +120,16 @@ class _Reloader:
             idle, self._idle = self._idle, None
         if idle is not None:
             if idle[0] == key and idle[1].alive():
-                return idle[1], None
+                return idle[1], idle[2]
             idle[1].close()
         return start()
 
-    def release(self, key: str, client: WorkerClient, *, keep: bool) -> None:
+    def release(self, key: str, client: WorkerClient, *, keep: bool,
+                pending: tuple[int, str] | None = None) -> None:
         if keep:
             with self._lock:
                 if self._idle is None:
-                    self._idle = (key, client)
+                    self._idle = (key, client, pending)
                     return
         client.close()
 
@@ -136,6 +138,24 @@ class _Reloader:
             idle, self._idle = self._idle, None
         if idle is not None:
             idle[1].close()
+
+
+def _save_sys_path() -> list[str]:
+    return [os.getcwd(), *(p for p in sys.path if p and os.path.isdir(p))]
+
+
+def prewarm(*, custom_objects: Sequence[str] = (), settings: Settings | None = None) -> None:
+    """Start the reload worker now, so the first ``envlock.save`` of this process finds
+    TensorFlow already imported in it (the bulk of a first save). Call it at the top of a
+    training script; it returns at once. A save from another folder, with other environment
+    variables or custom modules, starts a fresh worker anyway.
+    """
+    settings = settings or Settings.from_env()
+    sys_path = _save_sys_path()
+    logs = settings.home / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    client, ticket = _start_worker(logs, sys_path, custom_objects)
+    _RELOADER.release(_reload_key(sys_path, custom_objects), client, keep=True, pending=ticket)
 
 
 _RELOADER = _Reloader()
@@ -217,7 +237,7 @@ def save(model: Any, path: str | os.PathLike[str], *, probe: Any = None, setting
     path = Path(path)
     settings = settings or Settings.from_env()
     workdir = Path(tempfile.mkdtemp(prefix="envlock-save-"))
-    sys_path = [os.getcwd(), *(p for p in sys.path if p and os.path.isdir(p))]
+    sys_path = _save_sys_path()
     key = _reload_key(sys_path, custom_objects)
     logs = settings.home / "logs"
     logs.mkdir(parents=True, exist_ok=True)

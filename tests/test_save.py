@@ -376,3 +376,34 @@ def test_custom_objects_flag_imports_modules_before_loading(tmp_path: Path) -> N
     gain = json.loads(res.stdout)["custom_objects"][0]
     assert gain["module"] == "demo_layers" and gain["registered_name"] == "demo>Gain"
     assert gain["vendored"] == "code/demo_layers.py"
+
+
+PREWARM_SCRIPT = r'''
+import json
+import keras, numpy as np
+import envlock
+import envlock.saving as es
+import tinylayers
+
+envlock.prewarm()
+worker = es._RELOADER._idle[1]
+inp = keras.Input((4,), name="features")
+model = keras.Model(inp, tinylayers.Scale(name="scale")(inp))
+first = envlock.save(model, "first.keras")
+second = envlock.save(model, "second.keras")
+print(json.dumps({"prewarmed": worker.pid, "kept": es._RELOADER._idle[1].pid,
+                  "restored": [first.weights_restored, second.weights_restored]}))
+'''
+
+
+def test_prewarm_and_later_saves_reuse_one_reload_worker(tiny_project: Path, tmp_path: Path) -> None:
+    """envlock.prewarm() starts the reload worker; the first save uses it, later ones too."""
+    shutil.copy(tiny_project / "tinylayers.py", tmp_path / "tinylayers.py")
+    (tmp_path / "prewarm.py").write_text(PREWARM_SCRIPT)
+    proc = subprocess.run([sys.executable, "prewarm.py"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert doc["prewarmed"] == doc["kept"] and doc["restored"] == [True, True]
+    for name in ("first.keras", "second.keras"):
+        assert manifest_of(tmp_path / name)["weights"]["restored"] is True

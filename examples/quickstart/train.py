@@ -6,7 +6,11 @@ import keras
 import numpy as np
 from layers import Scale
 
-import envlock.saving
+import envlock
+
+# Starts envlock's reload worker (a fresh interpreter importing TensorFlow) while we train,
+# so that saving below does not wait for it.
+envlock.prewarm()
 
 out = sys.argv[1] if len(sys.argv) > 1 else "model.keras"
 keras.utils.set_random_seed(0)
@@ -22,6 +26,6 @@ model.compile(optimizer="adam", loss="mse")
 model.fit(x, y, epochs=5, verbose=0)
 
 # Real data as the probe: the reference predictions are what this model gives on it.
-result = envlock.saving.save(model, out, probe=x[:32])
+result = envlock.save(model, out, probe=x[:32])
 np.save(out + ".input.npy", x)
 print(f"saved {out} and its sidecar {result.sidecar}")
