@@ -266,6 +266,9 @@ def test_weights_not_restored_fails_naming_the_layer(tiny_project: Path, tmp_pat
     assert res.returncode == 0, res.stderr
     doc = json.loads(res.stdout)
     assert doc["schema"] == "envlock.save/1"
+    assert set(doc) == {"schema", "model", "sidecar", "packages", "hashed", "missing_hashes", "risks",
+                        "custom_objects", "weights_overall", "weights_restored", "mismatched_layers",
+                        "probe_inputs", "probe_repeatable", "warnings", "seconds"}
     assert doc["weights_restored"] is False and doc["mismatched_layers"] == ["forgetful"]
 
 
