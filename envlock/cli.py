@@ -261,6 +261,13 @@ def cmd_show(args: argparse.Namespace, out: Out) -> int:
     pk = m["packages"]
     t.add_row("packages", f"{pk['count']} locked, {pk['hashed']} hashed"
               + (f"; not locked: {', '.join(r['name'] for r in pk['risks'])}" if pk["risks"] else ""))
+    conda = m.get("conda")
+    if conda:
+        py = conda.get("python") or {}
+        t.add_row("conda", f"{conda.get('platform')}, {conda.get('conda_packages')} conda and "
+                  f"{conda.get('pip_packages')} pip packages"
+                  f"{', python ' + str(py.get('version')) if py else ''}; channels "
+                  + ", ".join(str(c) for c in conda.get("channels") or []))
     for c in m.get("custom_objects", []):
         t.add_row("custom", f"{c['module']}.{c['qualname']} (source {str(c.get('source_sha256'))[:12]}…)"
                   + (f" → {c['vendored']}" if c.get("vendored") else ""))

@@ -396,6 +396,9 @@ def test_save_in_a_conda_env_writes_conda_lock(conda_model: Path, conda_source_e
     assert "tomli-w" not in sc.manifest["packages"]["missing_hashes"]
     assert "manager: pip" in text and "manager: conda" in text and text.count("- name: ") == len(pip) + 2
     assert "conda-lock install" in sc.file("REPRODUCE.md").read_text()
+    shown = run_cli("show", str(conda_model))
+    assert shown.returncode == 0, shown.stderr
+    assert f"{PLATFORM}, 2 conda and {len(pip)} pip packages" in " ".join(shown.stdout.split())
 
 
 @pytest.mark.slow
