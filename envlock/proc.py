@@ -29,19 +29,26 @@ _STRIPPED_PREFIXES = ("PIP_", "UV_", "PYTHON", "CONDA_", "VIRTUAL_ENV", "__PYVEN
 STDERR_TAIL_LINES = 30
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    """New session (so kill_tree reaches the whole group), and on Linux SIGKILL when the
-    thread that started us dies: a SIGKILLed envlock must not leave uv writing into a build
-    folder that the next run has already cleaned."""
-    os.setsid()
-    if sys.platform.startswith("linux"):
-        try:
-            import ctypes
+def _die_with_parent(parent: int) -> Callable[[], None]:
+    """For the child, between fork and exec: a new session (so kill_tree reaches the whole
+    group), and on Linux SIGKILL when the thread that started it dies: a SIGKILLed envlock
+    must not leave uv writing into a build folder that the next run has already cleaned."""
 
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
-        except (OSError, AttributeError):
-            pass
+    def preexec() -> None:  # pragma: no cover - runs in the child
+        os.setsid()
+        if sys.platform.startswith("linux"):
+            try:
+                import ctypes
+
+                libc = ctypes.CDLL(None, use_errno=True)
+                libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+            except (OSError, AttributeError):
+                return
+            # The parent may have died between fork and prctl: then no signal will come.
+            if os.getppid() != parent:
+                os._exit(137)
+
+    return preexec
 
 
 def clean_env(
@@ -113,7 +120,7 @@ def run(
             text=True,
             encoding="utf-8",
             errors="replace",
-            preexec_fn=_die_with_parent if os.name == "posix" else None,
+            preexec_fn=_die_with_parent(os.getpid()) if os.name == "posix" else None,
         )
     except FileNotFoundError as exc:
         raise CommandError(args, 127, str(exc), what=what) from exc
