@@ -3,6 +3,7 @@ project (a real model with custom objects, trained in a subprocess), helpers to 
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -10,11 +11,25 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
 HERE = Path(__file__).resolve().parent
 PROJECTS = HERE / "projects"
+
+
+def load_localindex() -> ModuleType:
+    """tests/data/index/localindex.py (a local package index server), loaded once by path."""
+    name = "envlock_test_localindex"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, HERE / "data" / "index" / "localindex.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while being created
+    spec.loader.exec_module(module)
+    return module
 
 
 def _has_tf() -> bool:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import socket
@@ -11,25 +10,13 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType
 
 import pytest
+from conftest import load_localindex
 
 from envlock._worker.inventory import installed
 from envlock.index import DistFile, IndexClient, LookupResult, redact_url
 from envlock.settings import Settings
-
-DATA = Path(__file__).resolve().parent / "data" / "index"
-
-
-def load_localindex() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("envlock_test_localindex", DATA / "localindex.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while being created
-    spec.loader.exec_module(module)
-    return module
-
 
 li = load_localindex()
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -10,10 +9,10 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
+from conftest import load_localindex
 from packaging.pylock import Pylock, PylockValidationError
 from packaging.utils import canonicalize_name
 
@@ -29,17 +28,7 @@ else:  # envlock depends on tomli below 3.11
     import tomli as tomllib
 
 HERE = Path(__file__).resolve().parent
-DATA = HERE / "data" / "index"
 PY = "3.11.7"
-
-
-def load_localindex() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("envlock_test_localindex", DATA / "localindex.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while being created
-    spec.loader.exec_module(module)
-    return module
 
 
 li = load_localindex()
