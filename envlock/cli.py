@@ -73,6 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32, help="Keras' default, for the same bits")
     _session_args(p)
     p.add_argument("--no-validate", action="store_true", help="predict even if the probe does not match")
+    # Sharded input (a folder, a glob or Parquet): --output is a folder, one output per shard.
+    p.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
+                   help="run the shards on a Ray cluster: ADDRESS, else $RAY_ADDRESS, else a local one")
+    p.add_argument("--actors", type=int, help="Ray actors (default: one per CPU of the cluster, at most "
+                   "one per shard)")
     _common(p)
     p.set_defaults(func=cmd_run)
 
@@ -286,7 +291,10 @@ def cmd_show(args: argparse.Namespace, out: Out) -> int:
 
 def cmd_run(args: argparse.Namespace, out: Out) -> int:
     from envlock.running import run
+    from envlock.shards import is_sharded
 
+    if args.ray is not None or is_sharded(str(args.input)):
+        return _run_shards(args, out)
     bar = out.progress("predicting")
     task = None
 
@@ -312,6 +320,68 @@ def cmd_run(args: argparse.Namespace, out: Out) -> int:
     where = f"{result.strategy}" + (f" {result.env_path}" if result.env_path else f" {result.python}")
     out.print(f"[bold green]wrote[/] {result.output} ({result.rows} rows) using {where}")
     return 0
+
+
+def _run_shards(args: argparse.Namespace, out: Out) -> int:
+    """`envlock run` over shards: here one after another, or on Ray with --ray."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from envlock.shards import run_shards
+
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TimeRemainingColumn(), console=out.err, transient=True,
+                   disable=out.quiet or not out.err.is_terminal)
+    tasks: dict[str, Any] = {}
+
+    def on_start(shards: Sequence[Any]) -> None:
+        out.done()
+        bar.start()
+        tasks["shards"] = bar.add_task("shards", total=len(shards))
+        tasks["rows"] = bar.add_task("rows", total=sum(s.rows for s in shards))
+
+    def on_rows(done: int, total: int) -> None:
+        bar.update(tasks["rows"], completed=done)
+
+    def on_shard(result: Any) -> None:
+        bar.advance(tasks["shards"])
+        if args.ray is not None:
+            bar.advance(tasks["rows"], result.rows)
+
+    def on_node(facts: Any) -> None:
+        if not out.quiet:
+            bar.console.print(_node_line(facts))
+
+    kwargs = _session_kwargs(args, out)
+    common = {"batch_size": args.batch_size, "validate": not args.no_validate, "on_start": on_start,
+              "on_shard": on_shard}
+    try:
+        if args.ray is not None:
+            from envlock.ray import run_shards_on_ray
+
+            result = run_shards_on_ray(args.model, str(args.input), args.output, address=args.ray or None,
+                                       actors=args.actors, on_node=on_node, **common, **kwargs)
+        else:
+            result = run_shards(args.model, str(args.input), args.output, on_rows=on_rows, **common,
+                                **kwargs)
+    finally:
+        bar.stop()
+    if out.json:
+        out.emit_json(result.to_json())
+        return 0
+    if args.ray is None:
+        out.print(_node_line(result.nodes[0]))
+    on_ray = f" on Ray ({result.ray_address}, {len(result.nodes)} actor(s))" if result.ray_address else ""
+    out.print(f"[bold green]wrote[/] {len(result.shards)} shard(s), {result.rows} rows, "
+              f"to {result.output_dir}{on_ray}")
+    return 0
+
+
+def _node_line(facts: Any) -> str:
+    where = f"node {facts['node_id'][:12]}" if facts.get("node_id") else "this machine"
+    env = "built" if facts.get("built") else "reused"
+    colour = "green" if facts.get("probe") != "mismatch" else "red"
+    return (f"{where} ({facts.get('hostname')}, {facts.get('cpu')}): environment {env} "
+            f"({facts.get('strategy')}), probe [{colour}]{str(facts.get('probe')).replace('_', ' ')}[/]")
 
 
 def _findings_table(findings: Sequence[Any]) -> Table:
