@@ -378,7 +378,9 @@ def _run_shards(args: argparse.Namespace, out: Out) -> int:
 
 def _node_line(facts: Any) -> str:
     where = f"node {facts['node_id'][:12]}" if facts.get("node_id") else "this machine"
-    env = "built" if facts.get("built") else "reused"
+    if facts.get("error"):
+        return f"{where} ({facts.get('hostname')}): [red]failed[/] ({facts['error']['class']})"
+    env = "built" if facts.get("built") else "reused" if facts.get("strategy") != "current" else "is this one"
     colour = "green" if facts.get("probe") != "mismatch" else "red"
     return (f"{where} ({facts.get('hostname')}, {facts.get('cpu')}): environment {env} "
             f"({facts.get('strategy')}), probe [{colour}]{str(facts.get('probe')).replace('_', ' ')}[/]")

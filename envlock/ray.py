@@ -16,6 +16,7 @@ the worker as files in a node-local folder, which it memory-maps: no pickle, no 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import socket
@@ -163,11 +164,15 @@ def predict(dataset: Any, model: str | os.PathLike[str], *, concurrency: int | t
             num_cpus: float = 1, batch_size: int = 32, map_batch_size: int | None = 4096,
             validate: bool = True, provenance: bool = False, **load_options: Any) -> Any:
     """``dataset`` mapped through ``Predictor`` on an actor pool: a Dataset of predictions."""
+    from ray.data import ActorPoolStrategy
+
     return dataset.map_batches(
         Predictor, fn_constructor_args=(str(model),),
         fn_constructor_kwargs={"validate": validate, "batch_size": batch_size, "provenance": provenance,
                                **_actor_options(load_options)},
-        batch_size=map_batch_size, batch_format="numpy", concurrency=concurrency, num_cpus=num_cpus)
+        batch_size=map_batch_size, batch_format="numpy", num_cpus=num_cpus,
+        compute=ActorPoolStrategy(size=concurrency) if isinstance(concurrency, int)
+        else ActorPoolStrategy(min_size=concurrency[0], max_size=concurrency[1]))
 
 
 # -- whole shards, for `envlock run --ray` --------------------------------------------------------
@@ -181,7 +186,9 @@ class ShardPredictor:
     """
 
     def __init__(self, model: str, options: Mapping[str, Any], validate: bool, batch_size: int,
-                 n_outputs: int) -> None:
+                 n_outputs: int, registry: Any = None) -> None:
+        import ray
+
         self.n_outputs = n_outputs
         self.error: dict[str, Any] | None = None
         self.worker: ShardWorker | None = None
@@ -196,6 +203,8 @@ class ShardPredictor:
         else:
             self.facts = dict(self.worker.facts)
         self._scratch = Path(tempfile.mkdtemp(prefix="envlock-ray-shards-"))
+        if registry is not None:  # every actor's verdict reaches the driver, shards or not
+            ray.get(registry.report.remote({**self.facts, "error": self.error}))
 
     def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         import numpy as np
@@ -242,6 +251,63 @@ def _raise_row(error: Mapping[str, Any]) -> None:
     raise cls(error["message"], hint=error.get("hint"), cause=error.get("cause"))
 
 
+def _registry() -> Any:
+    """A small actor where every ShardPredictor reports its node, build and probe verdict."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class Registry:
+        def __init__(self) -> None:
+            self.actors: list[dict[str, Any]] = []
+
+        def report(self, facts: dict[str, Any]) -> None:
+            self.actors.append(facts)
+
+        def all(self) -> list[dict[str, Any]]:
+            return list(self.actors)
+
+    return Registry.remote()  # type: ignore[attr-defined]
+
+
+class _Watcher:
+    """Polls the registry on a thread: each actor's status is shown as soon as it is ready."""
+
+    def __init__(self, registry: Any, on_node: NodeReady | None) -> None:
+        import threading
+
+        self.registry = registry
+        self.on_node = on_node
+        self.seen: list[dict[str, Any]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def __enter__(self) -> _Watcher:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.poll()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(0.5):
+            self.poll()
+
+    def poll(self) -> list[dict[str, Any]]:
+        import ray
+
+        try:
+            actors = ray.get(self.registry.all.remote(), timeout=30)
+        except Exception:  # the cluster is going away; the driver reports why
+            return self.seen
+        for facts in actors[len(self.seen):]:
+            self.seen.append(facts)
+            if self.on_node is not None:
+                self.on_node(facts)
+        return self.seen
+
+
 # -- the cluster --------------------------------------------------------------------------------
 
 def _check_reachable(address: str) -> None:
@@ -265,6 +331,9 @@ def connected(address: str | None) -> Iterator[str]:
     if address and address != "auto":
         _check_reachable(address)
     kwargs: dict[str, Any] = {"log_to_driver": False, "logging_level": "ERROR", "configure_logging": True}
+    # The user's stderr gets envlock's lines; Ray's own (C++ core worker, Ray Data's executor)
+    # go to the Ray logs on the cluster, as with `ray job submit`.
+    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
     if ray.is_initialized():
         started = False
     else:
@@ -272,11 +341,14 @@ def connected(address: str | None) -> Iterator[str]:
             if address:
                 ray.init(address=address, **kwargs)
             else:
-                ray.init(include_dashboard=False, **kwargs)
+                # "local": a new instance for this run, never one found in /tmp/ray by chance.
+                ray.init(address="local", include_dashboard=False, **kwargs)
         except ConnectionError as exc:
             raise BadInputError(f"no Ray cluster reachable at {address}: {str(exc).splitlines()[0]}",
                                 hint="start one with `ray start --head`, or check the address") from None
         started = True
+    for name in ("ray", "ray.data"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # envlock draws its own, over rows and shards
     ctx.print_on_execution_start = False
@@ -324,35 +396,38 @@ def run_shards_on_ray(model: str | os.PathLike[str], input_arg: str, output: Pat
             on_start(shards)
         ds = ray.data.from_items([{"index": i, "path": str(s.path.resolve())} for i, s in enumerate(shards)],
                                  override_num_blocks=len(shards))
-        actor_args = (str(model_path), _actor_options(session_kwargs), validate, batch_size, n_outputs)
+        registry = _registry()
+        actor_args = (str(model_path), _actor_options(session_kwargs), validate, batch_size, n_outputs,
+                      registry)
         ds = ds.map_batches(ShardPredictor, fn_constructor_args=actor_args,
-                            batch_size=1, batch_format="numpy", concurrency=pool, num_cpus=1)
+                            batch_size=1, batch_format="numpy", num_cpus=1,
+                            compute=ray.data.ActorPoolStrategy(size=pool))
         results: list[ShardResult] = []
-        nodes: dict[str, dict[str, Any]] = {}
-        try:
-            for row in ds.iter_rows():
-                if row["error"]:
-                    _raise_row(json.loads(row["error"]))
-                facts = json.loads(row["facts"])
-                actor = f"{facts.get('node_id')}/{facts.get('pid')}"
-                if actor not in nodes:
-                    nodes[actor] = facts
-                    if on_node is not None:
-                        on_node(facts)
-                shard = shards[int(row["index"])]
-                results.append(_write_shard(model_path, shard, outdir, n_outputs, row, facts, batch_size))
-                if on_shard is not None:
-                    on_shard(results[-1])
-        except EnvlockError:
-            raise
-        except Exception as exc:  # Ray gave up (an actor died past its restarts, a node was lost)
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise WorkerError(f"the Ray job failed after Ray's retries: {type(exc).__name__}: {first}",
-                              hint="see the Ray logs of the cluster (`ray logs`)") from None
+        with _Watcher(registry, on_node) as watcher:
+            try:
+                for row in ds.iter_rows():
+                    if row["error"]:
+                        _raise_row(json.loads(row["error"]))
+                    facts = json.loads(row["facts"])
+                    shard = shards[int(row["index"])]
+                    results.append(_write_shard(model_path, shard, outdir, n_outputs, row, facts, batch_size))
+                    if on_shard is not None:
+                        on_shard(results[-1])
+            except EnvlockError:
+                raise
+            except Exception as exc:  # Ray gave up (an actor died past its restarts, a node was lost)
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise WorkerError(f"the Ray job failed after Ray's retries: {type(exc).__name__}: {first}",
+                                  hint="see the Ray logs of the cluster (`ray logs`)") from None
+        actors = watcher.poll()
+    # An actor that got no shard still proved (or failed) its node: its refusal fails the run.
+    for facts in actors:
+        if facts.get("error"):
+            _raise_row(facts["error"])
     results.sort(key=lambda r: str(r.input))
-    lock = next(iter(nodes.values()))["lock_sha256"] if nodes else ""
+    lock = next((a["lock_sha256"] for a in actors if a.get("lock_sha256")), "")
     return ShardRunResult(model_path, input_arg, outdir, sum(r.rows for r in results), tuple(results),
-                          tuple(nodes.values()), lock, where, time.perf_counter() - t0)
+                          tuple(actors), lock, where, time.perf_counter() - t0)
 
 
 def _write_shard(model: Path, shard: Shard, outdir: Path, n_outputs: int, row: Mapping[str, Any],
