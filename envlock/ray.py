@@ -434,6 +434,7 @@ def _write_shard(model: Path, shard: Shard, outdir: Path, n_outputs: int, row: M
                  facts: Mapping[str, Any], batch_size: int) -> ShardResult:
     out = outdir / output_name(shard.stem, n_outputs)
     prov = outdir / f"{shard.stem}{PROVENANCE_SUFFIX}"
+    outdir.mkdir(exist_ok=True)
     # Provenance first: an output shard that looks complete always has its provenance.
     write_provenance(prov, provenance_doc(model, str(shard.path), shard.rows, str(out), facts,
                                           json.loads(row["outputs"]), batch_size))

@@ -219,8 +219,7 @@ def prepare_output_dir(output: Path | None, shards: Sequence[Path]) -> Path:
                 if (output.resolve() / f"{p.name[: -len(p.suffix)]}{suffix}") == p:
                     raise BadInputError(f"{p}: an output shard would replace this input shard",
                                         hint="write to another --output folder")
-    output.mkdir(exist_ok=True)
-    return output
+    return output  # created with the first output shard: a run that fails before leaves nothing
 
 
 def output_name(stem: str, n_outputs: int) -> str:
@@ -410,6 +409,7 @@ def run_shards(model: str | os.PathLike[str], input_arg: str, output: Path | Non
                     on_rows(base + done, total)
 
             # The output goes to a scratch name first: its provenance must exist before it does.
+            outdir.mkdir(exist_ok=True)
             staged = outdir / f".{out.name}.staged{out.suffix}"
             try:
                 meta = worker.predict_shard(shard, staged, on_progress=rows_done)
