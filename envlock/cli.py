@@ -348,7 +348,7 @@ def _run_shards(args: argparse.Namespace, out: Out) -> int:
             bar.advance(tasks["rows"], result.rows)
 
     def on_node(facts: Any) -> None:
-        if not out.quiet:
+        if not bar.disable:  # live status for a person watching; the summary says it for good
             bar.console.print(_node_line(facts))
 
     kwargs = _session_kwargs(args, out)
@@ -356,10 +356,22 @@ def _run_shards(args: argparse.Namespace, out: Out) -> int:
               "on_shard": on_shard}
     try:
         if args.ray is not None:
-            from envlock.ray import run_shards_on_ray
+            import time
 
-            result = run_shards_on_ray(args.model, str(args.input), args.output, address=args.ray or None,
-                                       actors=args.actors, on_node=on_node, **common, **kwargs)
+            from envlock.ray import run_shards_on_ray, stderr_to
+            from envlock.settings import Settings
+
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            log = Settings.from_env().home / "logs" / f"ray-{stamp}-{os.getpid()}.log"
+            with stderr_to(log) as real_stderr:
+                out.err.file = real_stderr
+                try:
+                    result = run_shards_on_ray(args.model, str(args.input), args.output,
+                                               address=args.ray or None, actors=args.actors, on_node=on_node,
+                                               **common, **kwargs)
+                finally:
+                    bar.stop()
+                    out.err.file = sys.stderr
         else:
             result = run_shards(args.model, str(args.input), args.output, on_rows=on_rows, **common,
                                 **kwargs)
@@ -368,8 +380,8 @@ def _run_shards(args: argparse.Namespace, out: Out) -> int:
     if out.json:
         out.emit_json(result.to_json())
         return 0
-    if args.ray is None:
-        out.print(_node_line(result.nodes[0]))
+    for facts in result.nodes:
+        out.print(_node_line(facts))
     on_ray = f" on Ray ({result.ray_address}, {len(result.nodes)} actor(s))" if result.ray_address else ""
     out.print(f"[bold green]wrote[/] {len(result.shards)} shard(s), {result.rows} rows, "
               f"to {result.output_dir}{on_ray}")

@@ -23,7 +23,7 @@ import socket
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -62,6 +62,11 @@ _ERRORS: dict[str, type[EnvlockError]] = {
     "BadInputError": BadInputError, "InputArrayError": InputArrayError, "MismatchError": MismatchError,
     "EnvironmentBuildError": EnvironmentBuildError, "WorkerError": WorkerError}
 NodeReady = Callable[[Mapping[str, Any]], None]
+# How long an actor waits for the rest of the pool to prove their nodes before its first shard.
+BARRIER_SECONDS = 1800.0
+# Ray Data restarts a dead actor without end by default; a node that kills every actor must
+# end the run instead.
+ACTOR_RESTARTS = 3
 
 
 def _import_ray() -> Any:
@@ -205,6 +210,7 @@ class ShardPredictor:
         self._scratch = Path(tempfile.mkdtemp(prefix="envlock-ray-shards-"))
         if registry is not None:  # every actor's verdict reaches the driver, shards or not
             ray.get(registry.report.remote({**self.facts, "error": self.error}))
+            ray.get(registry.wait_all.remote(BARRIER_SECONDS))
 
     def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         import numpy as np
@@ -251,19 +257,30 @@ def _raise_row(error: Mapping[str, Any]) -> None:
     raise cls(error["message"], hint=error.get("hint"), cause=error.get("cause"))
 
 
-def _registry() -> Any:
-    """A small actor where every ShardPredictor reports its node, build and probe verdict."""
+def _registry(expected: int) -> Any:
+    """A small actor where every ShardPredictor reports its node, build and probe verdict, and
+    waits until all ``expected`` have: no shard is predicted before every node is proven."""
+    import asyncio
+
     import ray
 
     @ray.remote(num_cpus=0)
     class Registry:
         def __init__(self) -> None:
             self.actors: list[dict[str, Any]] = []
+            self.complete = asyncio.Event()
 
-        def report(self, facts: dict[str, Any]) -> None:
+        async def report(self, facts: dict[str, Any]) -> None:
             self.actors.append(facts)
+            if len(self.actors) >= expected:
+                self.complete.set()
 
-        def all(self) -> list[dict[str, Any]]:
+        async def wait_all(self, timeout: float) -> None:
+            # Bounded: a pool that Ray cannot fill (too few CPUs) must not hang the run.
+            with suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.complete.wait(), timeout)
+
+        async def all(self) -> list[dict[str, Any]]:
             return list(self.actors)
 
     return Registry.remote()  # type: ignore[attr-defined]
@@ -324,6 +341,29 @@ def _check_reachable(address: str) -> None:
 
 
 @contextmanager
+def stderr_to(log: Path) -> Iterator[Any]:
+    """Ray's own lines (its C++ core worker writes to file descriptor 2, Ray Data logs) go to
+    ``log`` while Ray runs here; yields a text stream on the real stderr for envlock's own."""
+    import sys
+
+    log.parent.mkdir(parents=True, exist_ok=True)
+    sys.stderr.flush()
+    real = os.dup(2)
+    stream = os.fdopen(os.dup(real), "w", buffering=1, encoding="utf-8", errors="replace")
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 2)
+    os.close(fd)
+    try:
+        yield stream
+    finally:
+        sys.stderr.flush()
+        stream.flush()
+        os.dup2(real, 2)
+        os.close(real)
+        stream.close()
+
+
+@contextmanager
 def connected(address: str | None) -> Iterator[str]:
     """Connect to ADDRESS, or $RAY_ADDRESS, or start a local Ray instance and stop it after."""
     ray = _import_ray()
@@ -331,9 +371,6 @@ def connected(address: str | None) -> Iterator[str]:
     if address and address != "auto":
         _check_reachable(address)
     kwargs: dict[str, Any] = {"log_to_driver": False, "logging_level": "ERROR", "configure_logging": True}
-    # The user's stderr gets envlock's lines; Ray's own (C++ core worker, Ray Data's executor)
-    # go to the Ray logs on the cluster, as with `ray job submit`.
-    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
     if ray.is_initialized():
         started = False
     else:
@@ -391,23 +428,31 @@ def run_shards_on_ray(model: str | os.PathLike[str], input_arg: str, output: Pat
     outdir = prepare_output_dir(output, paths)
     ray = _import_ray()
     with connected(address) as where:
-        pool = actors or min(len(shards), _cluster_cpus())
+        # Every actor of the pool must start before any predicts (each proves its node first):
+        # no more actors than the cluster has CPUs, nor than there are shards.
+        pool = min(actors or len(shards), len(shards), _cluster_cpus())
         if on_start is not None:
             on_start(shards)
         ds = ray.data.from_items([{"index": i, "path": str(s.path.resolve())} for i, s in enumerate(shards)],
                                  override_num_blocks=len(shards))
-        registry = _registry()
+        registry = _registry(pool)
         actor_args = (str(model_path), _actor_options(session_kwargs), validate, batch_size, n_outputs,
                       registry)
         ds = ds.map_batches(ShardPredictor, fn_constructor_args=actor_args,
                             batch_size=1, batch_format="numpy", num_cpus=1,
-                            compute=ray.data.ActorPoolStrategy(size=pool))
+                            compute=ray.data.ActorPoolStrategy(size=pool),
+                            max_restarts=ACTOR_RESTARTS, max_task_retries=ACTOR_RESTARTS)
         results: list[ShardResult] = []
         with _Watcher(registry, on_node) as watcher:
             try:
                 for row in ds.iter_rows():
                     if row["error"]:
                         _raise_row(json.loads(row["error"]))
+                    # Every actor reported before any shard was predicted: one refusal anywhere
+                    # stops the run before a shard is written.
+                    for facts in watcher.poll():
+                        if facts.get("error"):
+                            _raise_row(facts["error"])
                     facts = json.loads(row["facts"])
                     shard = shards[int(row["index"])]
                     results.append(_write_shard(model_path, shard, outdir, n_outputs, row, facts, batch_size))

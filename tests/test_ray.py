@@ -34,7 +34,7 @@ nodes = json.loads(sys.argv[1])
 c = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "env_vars": nodes["a"]})
 b = c.add_node(num_cpus=2, env_vars=nodes["b"])
 c.wait_for_nodes()
-print(json.dumps({"address": c.address, "a": c.head_node.unique_id, "b": b.unique_id}), flush=True)
+print(json.dumps({"address": c.address, "a": c.head_node.node_id, "b": b.node_id}), flush=True)
 sys.stdin.read()  # until the test closes it
 c.shutdown()
 """
