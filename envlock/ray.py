@@ -464,15 +464,15 @@ def run_shards_on_ray(model: str | os.PathLike[str], input_arg: str, output: Pat
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                 raise WorkerError(f"the Ray job failed after Ray's retries: {type(exc).__name__}: {first}",
                                   hint="see the Ray logs of the cluster (`ray logs`)") from None
-        actors = watcher.poll()
+        reported = watcher.poll()
     # An actor that got no shard still proved (or failed) its node: its refusal fails the run.
-    for facts in actors:
+    for facts in reported:
         if facts.get("error"):
             _raise_row(facts["error"])
     results.sort(key=lambda r: str(r.input))
-    lock = next((a["lock_sha256"] for a in actors if a.get("lock_sha256")), "")
+    lock = next((a["lock_sha256"] for a in reported if a.get("lock_sha256")), "")
     return ShardRunResult(model_path, input_arg, outdir, sum(r.rows for r in results), tuple(results),
-                          tuple(actors), lock, where, time.perf_counter() - t0)
+                          tuple(reported), lock, where, time.perf_counter() - t0)
 
 
 def _write_shard(model: Path, shard: Shard, outdir: Path, n_outputs: int, row: Mapping[str, Any],

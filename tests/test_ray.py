@@ -319,3 +319,43 @@ def test_a_node_that_cannot_build_exits_3_naming_it(
     line = _one_error(res.stderr)
     assert "conda-lock.yml" in line and any(f"node {cluster[n]}" in line for n in ("a", "b"))
     assert not (tmp_path / "out").exists()
+
+
+API_DRIVER = """\
+import json, sys
+import numpy as np
+import ray
+import envlock.ray
+
+address, model, x_path, out_path = sys.argv[1:5]
+ray.init(address=address, log_to_driver=False, logging_level="ERROR")
+ray.data.DataContext.get_current().enable_progress_bars = False
+x = np.load(x_path)
+ds = ray.data.from_items([{"id": i, "features": row} for i, row in enumerate(x)])
+preds = envlock.ray.predict(ds, model, concurrency=2, map_batch_size=64, provenance=True)
+rows = sorted(preds.take_all(), key=lambda r: r["id"])
+names = [k for k in rows[0] if k not in ("id", "envlock_provenance")]
+np.save(out_path, np.stack([r[names[0]] for r in rows]))
+print(json.dumps({"columns": sorted(rows[0]), "provenance": json.loads(rows[0]["envlock_provenance"])}))
+"""
+
+
+@pytest.mark.slow
+def test_python_api_predict_maps_a_dataset_through_the_locked_worker(
+        ray_host: Path, cluster: dict[str, str], saved_tiny: Path, features: tuple[Path, Path],
+        tmp_path: Path) -> None:
+    env = _env()
+    env.pop("TF_ENABLE_ONEDNN_OPTS", None)
+    p = subprocess.run([str(ray_host / "python"), "-c", API_DRIVER, cluster["address"], str(saved_tiny),
+                        str(features[0]), str(tmp_path / "y.npy")], env=env, cwd=tmp_path,
+                       capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    doc = json.loads(p.stdout.strip().splitlines()[-1])
+    manifest = json.loads((saved_tiny.parent / "model.keras.envlock" / "envlock.json").read_text())
+    outputs = [o["name"] for o in manifest["model"]["outputs"]]
+    assert doc["columns"] == sorted(["id", "envlock_provenance", *outputs])  # "features" was consumed
+    assert doc["provenance"]["probe"] == "identical"
+    assert doc["provenance"]["node_id"] in (cluster["a"], cluster["b"])
+    # Rows batched by Ray, 64 at a time, predicted 32 at a time in the worker: the dense model's
+    # rows do not depend on their neighbours, so the bits are the single-machine run's.
+    assert _bits(np.load(tmp_path / "y.npy")) == _bits(np.load(features[1]))
