@@ -34,6 +34,8 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+# Run as a script, this file's folder comes first on sys.path, and this file is named ray.py.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 FEATURES = 256
 TARGET = 0.9
 
@@ -120,6 +122,8 @@ def main() -> int:
         ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False,
                  logging_level="ERROR")
         address = ray.get_runtime_context().gcs_address
+        # ray.init put the instance's auth token (RAY_AUTH_*) into os.environ: drivers need it.
+        env.update({k: v for k, v in os.environ.items() if k.startswith("RAY_") and k != "RAY_ADDRESS"})
         sides = {
             "envlock_ray": lambda out: [py, "-m", "envlock", "run", str(model), "--input", str(shards),
                                         "--output", str(out), "--actors", str(args.cpus), "--quiet",

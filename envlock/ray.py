@@ -381,8 +381,10 @@ def connected(address: str | None) -> Iterator[str]:
                 # "local": a new instance for this run, never one found in /tmp/ray by chance.
                 ray.init(address="local", include_dashboard=False, **kwargs)
         except ConnectionError as exc:
-            raise BadInputError(f"no Ray cluster reachable at {address}: {str(exc).splitlines()[0]}",
-                                hint="start one with `ray start --head`, or check the address") from None
+            raise BadInputError(f"could not connect to the Ray cluster at {address}: "
+                                f"{str(exc).splitlines()[0]}",
+                                hint="check the address; a cluster with token authentication also needs "
+                                "RAY_AUTH_MODE=token here") from None
         started = True
     for name in ("ray", "ray.data"):
         logging.getLogger(name).setLevel(logging.ERROR)

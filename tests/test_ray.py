@@ -13,8 +13,10 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -125,7 +127,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, ray_host: Path) -> Iterato
     if not line:
         proc.kill()
         pytest.fail("the Ray cluster did not start")
-    info = {**json.loads(line), "home_a": nodes["a"]["ENVLOCK_HOME"], "home_b": nodes["b"]["ENVLOCK_HOME"]}
+    info = {**json.loads(line), "home_a": nodes["a"]["ENVLOCK_HOME"], "home_b": nodes["b"]["ENVLOCK_HOME"],
+            "pid": str(proc.pid)}
     yield info
     proc.stdin.close()
     try:
@@ -359,3 +362,56 @@ def test_python_api_predict_maps_a_dataset_through_the_locked_worker(
     # Rows batched by Ray, 64 at a time, predicted 32 at a time in the worker: the dense model's
     # rows do not depend on their neighbours, so the bits are the single-machine run's.
     assert _bits(np.load(tmp_path / "y.npy")) == _bits(np.load(features[1]))
+
+
+def _descendants(pid: int) -> list[int]:
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parents[int(entry.name)] = int((entry / "stat").read_text().rpartition(")")[2].split()[1])
+            except (OSError, ValueError):
+                continue
+    found, todo = [], [pid]
+    while todo:
+        kids = [p for p, parent in parents.items() if parent == todo.pop()]
+        found += kids
+        todo += kids
+    return found
+
+
+@pytest.mark.slow
+def test_actors_that_keep_dying_end_the_run_with_exit_4(
+        ray_host: Path, cluster: dict[str, str], saved_tiny: Path, features: tuple[Path, Path],
+        tmp_path: Path) -> None:
+    """Every actor of the run SIGKILLed as soon as it appears: Ray restarts it a few times, then
+    envlock says so in one line (exit 4) and leaves only complete shards."""
+    shards = _write_shards(tmp_path / "in", np.load(features[0]), SHARDS)
+    out = tmp_path / "out"
+    env = _env()
+    env.pop("TF_ENABLE_ONEDNN_OPTS", None)
+    run = subprocess.Popen([str(ray_host / "envlock"), "run", str(saved_tiny), "--input", str(shards),
+                            "--output", str(out), "--actors", "2", "--ray", cluster["address"]],
+                           env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    killed = 0
+    deadline = time.monotonic() + 600
+    while run.poll() is None and time.monotonic() < deadline:
+        for pid in _descendants(int(cluster["pid"])):
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"ShardPredictor" in cmdline:
+                os.kill(pid, signal.SIGKILL)
+                killed += 1
+        time.sleep(0.2)
+    if run.poll() is None:
+        run.kill()
+        pytest.fail("envlock did not end while its actors kept dying")
+    _, err = run.communicate()
+    assert run.returncode == 4, err
+    line = _one_error(err)
+    assert "Ray" in line and killed >= 2
+    names = sorted(p.name for p in out.iterdir()) if out.exists() else []
+    stems = {n.split(".")[0] for n in names}
+    assert names == sorted(f"{s}{x}" for s in stems for x in (".npy", ".envlock.json"))
