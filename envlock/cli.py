@@ -326,8 +326,11 @@ def _run_shards(args: argparse.Namespace, out: Out) -> int:
     """`envlock run` over shards: here one after another, or on Ray with --ray."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+    from envlock.errors import BadInputError
     from envlock.shards import run_shards
 
+    if args.actors is not None and args.ray is None:
+        raise BadInputError("--actors needs --ray")
     bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                    TimeRemainingColumn(), console=out.err, transient=True,
                    disable=out.quiet or not out.err.is_terminal)
