@@ -393,9 +393,9 @@ def run_shards(model: str | os.PathLike[str], input_arg: str, output: Path | Non
         shards = inspect_shards(paths, session.specs)  # exit 2 before any environment is built
         outdir = prepare_output_dir(output, paths)
         n_outputs = len(session.sidecar.manifest["model"].get("outputs") or [1])
-        if on_start is not None:
-            on_start(shards)
         facts = worker.open()
+        if on_start is not None:  # after the worker's own stages: one live display at a time
+            on_start(shards)
         total = sum(s.rows for s in shards)
         done_rows = 0
         results = []
