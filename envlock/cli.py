@@ -73,6 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32, help="Keras' default, for the same bits")
     _session_args(p)
     p.add_argument("--no-validate", action="store_true", help="predict even if the probe does not match")
+    # Sharded input (a folder, a glob or Parquet): --output is a folder, one output per shard.
+    p.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
+                   help="run the shards on a Ray cluster: ADDRESS, else $RAY_ADDRESS, else a local one")
+    p.add_argument("--actors", type=int, help="Ray actors (default: one per CPU of the cluster, at most "
+                   "one per shard)")
     _common(p)
     p.set_defaults(func=cmd_run)
 
@@ -286,7 +291,10 @@ def cmd_show(args: argparse.Namespace, out: Out) -> int:
 
 def cmd_run(args: argparse.Namespace, out: Out) -> int:
     from envlock.running import run
+    from envlock.shards import is_sharded
 
+    if args.ray is not None or is_sharded(str(args.input)):
+        return _run_shards(args, out)
     bar = out.progress("predicting")
     task = None
 
@@ -312,6 +320,85 @@ def cmd_run(args: argparse.Namespace, out: Out) -> int:
     where = f"{result.strategy}" + (f" {result.env_path}" if result.env_path else f" {result.python}")
     out.print(f"[bold green]wrote[/] {result.output} ({result.rows} rows) using {where}")
     return 0
+
+
+def _run_shards(args: argparse.Namespace, out: Out) -> int:
+    """`envlock run` over shards: here one after another, or on Ray with --ray."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from envlock.errors import BadInputError
+    from envlock.shards import run_shards
+
+    if args.actors is not None and args.ray is None:
+        raise BadInputError("--actors needs --ray")
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TimeRemainingColumn(), console=out.err, transient=True,
+                   disable=out.quiet or not out.err.is_terminal)
+    tasks: dict[str, Any] = {}
+
+    def on_start(shards: Sequence[Any]) -> None:
+        out.done()
+        bar.start()
+        tasks["shards"] = bar.add_task("shards", total=len(shards))
+        tasks["rows"] = bar.add_task("rows", total=sum(s.rows for s in shards))
+
+    def on_rows(done: int, total: int) -> None:
+        bar.update(tasks["rows"], completed=done)
+
+    def on_shard(result: Any) -> None:
+        bar.advance(tasks["shards"])
+        if args.ray is not None:
+            bar.advance(tasks["rows"], result.rows)
+
+    def on_node(facts: Any) -> None:
+        if not bar.disable:  # live status for a person watching; the summary says it for good
+            bar.console.print(_node_line(facts))
+
+    kwargs = _session_kwargs(args, out)
+    common = {"batch_size": args.batch_size, "validate": not args.no_validate, "on_start": on_start,
+              "on_shard": on_shard}
+    try:
+        if args.ray is not None:
+            import time
+
+            from envlock.ray import run_shards_on_ray, stderr_to
+            from envlock.settings import Settings
+
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            log = Settings.from_env().home / "logs" / f"ray-{stamp}-{os.getpid()}.log"
+            with stderr_to(log) as real_stderr:
+                out.err.file = real_stderr
+                try:
+                    result = run_shards_on_ray(args.model, str(args.input), args.output,
+                                               address=args.ray or None, actors=args.actors, on_node=on_node,
+                                               **common, **kwargs)
+                finally:
+                    bar.stop()
+                    out.err.file = sys.stderr
+        else:
+            result = run_shards(args.model, str(args.input), args.output, on_rows=on_rows, **common,
+                                **kwargs)
+    finally:
+        bar.stop()
+    if out.json:
+        out.emit_json(result.to_json())
+        return 0
+    for facts in result.nodes:
+        out.print(_node_line(facts))
+    on_ray = f" on Ray ({result.ray_address}, {len(result.nodes)} actor(s))" if result.ray_address else ""
+    out.print(f"[bold green]wrote[/] {len(result.shards)} shard(s), {result.rows} rows, "
+              f"to {result.output_dir}{on_ray}")
+    return 0
+
+
+def _node_line(facts: Any) -> str:
+    where = f"node {facts['node_id'][:12]}" if facts.get("node_id") else "this machine"
+    if facts.get("error"):
+        return f"{where} ({facts.get('hostname')}): [red]failed[/] ({facts['error']['class']})"
+    env = "built" if facts.get("built") else "reused" if facts.get("strategy") != "current" else "is this one"
+    colour = "green" if facts.get("probe") != "mismatch" else "red"
+    return (f"{where} ({facts.get('hostname')}, {facts.get('cpu')}): environment {env} "
+            f"({facts.get('strategy')}), probe [{colour}]{str(facts.get('probe')).replace('_', ' ')}[/]")
 
 
 def _findings_table(findings: Sequence[Any]) -> Table:
