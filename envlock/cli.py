@@ -307,8 +307,10 @@ def cmd_run(args: argparse.Namespace, out: Out) -> int:
         out.emit_json(result.to_json())
         return 0
     v = result.validation
-    if v is not None:
+    if v is not None and not result.sampled_outputs:
         out.print(f"[green]probe {v.status.replace('_', ' ')}[/] on this machine")
+    if result.note:
+        out.print(f"[yellow]not reproducible bit for bit:[/] {result.note}")
     where = f"{result.strategy}" + (f" {result.env_path}" if result.env_path else f" {result.python}")
     out.print(f"[bold green]wrote[/] {result.output} ({result.rows} rows) using {where}")
     return 0
@@ -449,7 +451,7 @@ def cmd_cache_gc(args: argparse.Namespace, out: Out) -> int:
 def _report_error(err: EnvlockError, debug: bool) -> None:
     if debug:
         traceback.print_exc()
-    sys.stderr.write(f"envlock: error: {err}\n")
+    sys.stderr.write(f"envlock: error: {err.message}\n")
     if err.hint:
         sys.stderr.write(f"  hint: {err.hint}\n")
     log_tail = getattr(err, "log_tail", "")
