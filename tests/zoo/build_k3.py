@@ -23,6 +23,9 @@ ZOO = []
 
 
 def outputs_of(pred):
+    """Outputs "0".."n-1" in the order envlock writes them (a dict's: sorted by name)."""
+    if isinstance(pred, dict):
+        pred = [pred[k] for k in sorted(pred)]
     return {str(i): np.asarray(p) for i, p in enumerate(pred if isinstance(pred, list) else [pred])}
 
 
