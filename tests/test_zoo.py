@@ -178,3 +178,24 @@ def test_check_in_the_unchanged_environment_finds_nothing(
         return
     assert code == 0, stderr
     assert doc["status"] == "identical" and codes == [], doc
+
+
+def test_keras2_subclassed_savedmodel_saves_without_a_probe(zoo_keras2: Path, tf215: Stack,  # noqa: F811
+                                                            tmp_path: Path) -> None:
+    """Without --probe, a subclassed model's SavedModel says its inputs in its serving signature."""
+    shutil.copytree(zoo_keras2 / "k2_subclassed", tmp_path / "k2_subclassed")
+    tf215.envlock("save", "k2_subclassed", cwd=tmp_path)
+    m = _manifest(tmp_path / "k2_subclassed")
+    assert [(i["shape"], i["dtype"]) for i in m["model"]["inputs"]] == [([None, 6], "float32")]
+    assert m["probe"]["source"] == "generated" and m["weights"]["restored"] is True
+
+
+def test_keras3_subclassed_model_without_a_probe_is_refused_in_one_line(zoo_keras3: Path,
+                                                                        tmp_path: Path) -> None:
+    shutil.copy(zoo_keras3 / "k3_subclassed.keras", tmp_path / "k3_subclassed.keras")
+    shutil.copy(zoo_keras3 / "zoolayers.py", tmp_path / "zoolayers.py")
+    res = run_cli("save", "k3_subclassed.keras", cwd=tmp_path, timeout=900)
+    assert res.returncode == 2, res.stderr
+    assert res.stderr.startswith("envlock: error: cannot tell this model's inputs") and "--probe" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "k3_subclassed.keras.envlock").exists()
