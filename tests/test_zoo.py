@@ -196,6 +196,7 @@ def test_keras3_subclassed_model_without_a_probe_is_refused_in_one_line(zoo_kera
     shutil.copy(zoo_keras3 / "zoolayers.py", tmp_path / "zoolayers.py")
     res = run_cli("save", "k3_subclassed.keras", cwd=tmp_path, timeout=900)
     assert res.returncode == 2, res.stderr
-    assert res.stderr.startswith("envlock: error: cannot tell this model's inputs") and "--probe" in res.stderr
+    assert res.stderr.startswith("envlock: error: cannot tell this model's inputs")
+    assert "--probe" in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "k3_subclassed.keras.envlock").exists()
