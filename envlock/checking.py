@@ -137,8 +137,8 @@ def check(model: str | os.PathLike[str], *, atol: float | None = None, rtol: flo
             fresh = fresh_f.result()
             obs.cross_process_equal = _bitwise(first, fresh) if fresh is not None else None
         except WorkerError as exc:
-            error = str(exc)
-            obs.load_error = {"message": str(exc), "cause": exc.cause}
+            error = exc.message
+            obs.load_error = {"message": exc.message, "cause": exc.cause}
         obs.custom_modules = frozenset(
             str(c.get("module", "")).split(".")[0].replace("_", "-") for c in m.get("custom_objects", []))
         obs.gpu = gpu_f.result()

@@ -242,9 +242,13 @@ def cmd_show(args: argparse.Namespace, out: Out) -> int:
     t.add_column(style="bold")
     t.add_column()
     model = m["model"]
-    t.add_row("model", f"{model['file']} ({model['format']}, Keras {model.get('keras_version')}), "
+    t.add_row("model", f"{model['file']} ({model['format']}, {_keras_of(m)}), "
                        f"sha256 {model['sha256'][:16]}…")
     t.add_row("inputs", ", ".join(f"{i['name']} {i['shape']} {i['dtype']}" for i in model.get("inputs", [])))
+    sampled = set((m.get("probe") or {}).get("varying_outputs") or [])
+    t.add_row("outputs", ", ".join(f"{o['name']} {o['shape']} {o['dtype']}"
+                                   + (" (sampled at inference)" if o["name"] in sampled else "")
+                                   for o in model.get("outputs", [])) or "not recorded")
     t.add_row("saved", f"{m['created']} by envlock {m['envlock_version']}: {m['command']}")
     py = m["python"]
     t.add_row("python", f"{py.get('implementation')} {py.get('version')} ({py.get('abi')})")
@@ -289,6 +293,16 @@ def cmd_show(args: argparse.Namespace, out: Out) -> int:
     return 0
 
 
+def _keras_of(m: dict[str, Any]) -> str:
+    """The Keras version the file records; else the environment's, said to be that."""
+    version = m["model"].get("keras_version")
+    if version:
+        return f"Keras {version}"
+    fw = (m.get("framework") or {}).get("versions") or {}
+    env = fw.get("tf_keras") or fw.get("keras")
+    return f"Keras {env} in the environment, the file records none" if env else "Keras version not recorded"
+
+
 def cmd_run(args: argparse.Namespace, out: Out) -> int:
     from envlock.running import run
     from envlock.shards import is_sharded
@@ -315,8 +329,10 @@ def cmd_run(args: argparse.Namespace, out: Out) -> int:
         out.emit_json(result.to_json())
         return 0
     v = result.validation
-    if v is not None:
+    if v is not None and not result.sampled_outputs:
         out.print(f"[green]probe {v.status.replace('_', ' ')}[/] on this machine")
+    if result.note:
+        out.print(f"[yellow]not reproducible bit for bit:[/] {result.note}")
     where = f"{result.strategy}" + (f" {result.env_path}" if result.env_path else f" {result.python}")
     out.print(f"[bold green]wrote[/] {result.output} ({result.rows} rows) using {where}")
     return 0
@@ -536,7 +552,7 @@ def cmd_cache_gc(args: argparse.Namespace, out: Out) -> int:
 def _report_error(err: EnvlockError, debug: bool) -> None:
     if debug:
         traceback.print_exc()
-    sys.stderr.write(f"envlock: error: {err}\n")
+    sys.stderr.write(f"envlock: error: {err.message}\n")
     if err.hint:
         sys.stderr.write(f"  hint: {err.hint}\n")
     log_tail = getattr(err, "log_tail", "")

@@ -124,13 +124,19 @@ def _model(m: Mapping[str, Any], o: Observed, c: _Collector) -> None:
         c.add("model_file_changed", f"{m['model']['file']} was modified after it was saved", rec,
               o.model_sha256, "restore the original file, or save the model again with `envlock save`")
     w = m.get("weights") or {}
+    custom = [str(x.get("qualname")) for x in m.get("custom_objects") or [] if x.get("kind") == "class"]
+    fix = ("give the custom layer ({}) a build() that creates its weights (and do not override "
+           "load_own_variables without restoring them), then save again".format(", ".join(custom))
+           if custom else "the model has no custom layer: save it again with Keras and `envlock save`; "
+           "if the weights still differ, report it to envlock")
     if w.get("restored") is False:
+        here = None if o.fingerprint is None else (
+            "same weights as at save" if o.fingerprint.get("overall") == w.get("overall")
+            else "other weights than at save")
         c.add("weights_not_restored",
               f"at save, layer(s) {', '.join(w.get('mismatched_layers') or [])} did not get their "
-              "weights back when the file was loaded", "restored", "not restored",
-              "give the custom layer a build() that creates its weights (and do not override "
-              "load_own_variables without restoring them), then save again",
-              layers=w.get("mismatched_layers"))
+              "weights back when the file was loaded", "not restored (saved with --allow-mismatch)",
+              here, fix, layers=w.get("mismatched_layers"))
     elif o.fingerprint is not None and o.model_sha256 in (None, rec) \
             and o.fingerprint.get("overall") != w.get("overall"):
         rec_vars = w.get("variables") or []
@@ -139,9 +145,7 @@ def _model(m: Mapping[str, Any], o: Observed, c: _Collector) -> None:
                          if rv["sha256"] != cv["sha256"]})
         c.add("weights_not_restored", "the weights loaded from the unchanged file differ from "
               f"those recorded at save (layers: {', '.join(layers) or 'variable count differs'})",
-              w.get("overall"), o.fingerprint.get("overall"),
-              "a custom layer does not restore its weights on load; fix its build()/load_own_variables",
-              layers=layers)
+              w.get("overall"), o.fingerprint.get("overall"), fix, layers=layers)
 
 
 def _custom(m: Mapping[str, Any], o: Observed, c: _Collector) -> None:

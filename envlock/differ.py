@@ -94,7 +94,7 @@ def diff(model: str | os.PathLike[str], *, python: str | os.PathLike[str] | None
             facts = client.request("facts")
             obs.framework, obs.determinism = facts["framework"], facts["determinism"]
     except WorkerError as exc:
-        framework_error = str(exc)
+        framework_error = exc.message
     if obs.python is None:
         obs.python = {"version": _python_version(target)}
     # Packages are listed on their own above; the findings cover everything else.

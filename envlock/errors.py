@@ -1,7 +1,8 @@
 """The one error hierarchy. The CLI maps each class to an exit code (DESIGN section 1).
 
 Instances carry the facts as fields and build their own message, so the CLI can print one
-line (``str(err)``) and, where it helps, one line of advice (``err.hint``).
+line (``err.message``) and, where it helps, one line of advice (``err.hint``); ``str(err)`` holds
+both, for errors raised through the Python API.
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ class EnvlockError(Exception):
         self.cause = cause
 
     def __str__(self) -> str:
-        return self.message
+        # Raised through the Python API, the exception is all the user sees: it carries the
+        # advice too. The CLI prints ``message`` and ``hint`` on lines of their own.
+        return f"{self.message}\n  hint: {self.hint}" if self.hint else self.message
 
 
 class BadInputError(EnvlockError):
@@ -71,16 +74,21 @@ class MismatchError(EnvlockError):
 class WeightsNotRestoredError(MismatchError):
     """The model as loaded back from its file holds other weights than the model that was saved."""
 
-    def __init__(self, layers: Sequence[str], *, detail: str = "") -> None:
+    def __init__(self, layers: Sequence[str], *, detail: str = "",
+                 custom_layers: Sequence[str] = ()) -> None:
         names = ", ".join(layers) if layers else "(unknown layers)"
         msg = f"weights_not_restored: weights of layer(s) {names} differ after loading the file back"
         if detail:
             msg += f" ({detail})"
-        super().__init__(
-            msg,
-            hint="give the custom layer a build() that creates its weights, or pass --allow-mismatch",
-            cause="weights_not_restored",
-        )
+        if custom_layers:
+            hint = (f"a custom layer ({', '.join(custom_layers)}) does not restore its weights: give it a "
+                    "build() that creates them (and restore them in load_own_variables if you override "
+                    "it), then save again; --allow-mismatch saves anyway")
+        else:
+            hint = ("the model has no custom layer: save it again with Keras (model.save) and retry; if "
+                    "this persists it is an envlock bug (please report it); --allow-mismatch saves anyway")
+        super().__init__(msg, hint=hint, cause="weights_not_restored")
+        self.custom_layers = list(custom_layers)
         self.layers = list(layers)
 
 

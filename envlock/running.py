@@ -51,10 +51,41 @@ class Validation:
     status: str
     outputs: tuple[OutputComparison, ...]
     seconds: float
+    # Outputs the model samples at inference: compared and reported, but not part of ``status``.
+    sampled: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         return {"status": self.status, "outputs": [o.to_json() for o in self.outputs],
-                "seconds": self.seconds}
+                "seconds": self.seconds, "sampled_outputs": list(self.sampled)}
+
+
+# Validation status when every output is sampled at inference: nothing could be compared bitwise.
+NOT_COMPARABLE = "not_comparable"
+
+
+def sampled_outputs(manifest: Mapping[str, Any]) -> tuple[str, ...]:
+    """Outputs that two runs of the probe in one process gave other bits for, at save."""
+    probe = manifest.get("probe") or {}
+    if probe.get("repeat_bitwise_equal") is not False:
+        return ()
+    names = [o["name"] for o in probe.get("outputs") or []]
+    varying = probe.get("varying_outputs")
+    return tuple(varying if varying is not None else names)
+
+
+def reproducibility_note(manifest: Mapping[str, Any], validation: Validation | None) -> str | None:
+    """What `run` says about a model that samples at inference, and what it did instead."""
+    sampled = sampled_outputs(manifest)
+    if not sampled:
+        return None
+    note = (f"this model samples at inference: output(s) {', '.join(sampled)} are not reproducible "
+            "bit for bit (two runs at save already gave other bits); they hold new random draws")
+    if validation is None:
+        return note + "; nothing was validated (--no-validate)"
+    if validation.status == NOT_COMPARABLE:
+        return note + "; no other output could prove this environment, so the probe was only run"
+    return note + (f"; the other output(s) matched the probe ({validation.status.replace('_', ' ')}), "
+                   "which is what proves this environment")
 
 
 @dataclass(frozen=True)
@@ -69,8 +100,15 @@ class RunResult:
     built: bool
     validation: Validation | None
     seconds: dict[str, float] = field(default_factory=dict)
+    sampled_outputs: tuple[str, ...] = ()
+    note: str | None = None
 
     schema = "envlock.run/1"
+
+    @property
+    def reproducible(self) -> bool:
+        """Whether every output is promised bit for bit (not for a model that samples)."""
+        return not self.sampled_outputs
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -78,7 +116,8 @@ class RunResult:
             "rows": self.rows, "outputs": list(self.outputs), "strategy": self.strategy,
             "python": str(self.python), "env_path": str(self.env_path) if self.env_path else None,
             "built": self.built, "validation": self.validation.to_json() if self.validation else None,
-            "seconds": self.seconds,
+            "seconds": self.seconds, "reproducible": self.reproducible,
+            "sampled_outputs": list(self.sampled_outputs), "note": self.note,
         }
 
 
@@ -277,7 +316,8 @@ class ModelSession:
         self._stage("loading the model")
         self.loaded = self.client.request("load", {"path": str(self.model.resolve()),
                                                    "safe_mode": not self.unsafe,
-                                                   "custom_objects": custom_map})
+                                                   "custom_objects": custom_map,
+                                                   "inputs": self.specs})
         self.seconds["load"] = time.perf_counter() - t
         return self
 
@@ -322,7 +362,10 @@ class ModelSession:
         got = self.replay_probe()
         tol = self.sidecar.manifest["probe"]["tolerance"]
         comps = compare_outputs(reference, got, atol=float(tol["atol"]), rtol=float(tol["rtol"]))
-        v = Validation(overall_status(comps), tuple(comps), time.perf_counter() - t)
+        sampled = sampled_outputs(self.sidecar.manifest)
+        judged = [c for c in comps if c.name not in sampled]
+        status = overall_status(judged) if judged else NOT_COMPARABLE
+        v = Validation(status, tuple(comps), time.perf_counter() - t, sampled=sampled)
         self.seconds["validate"] = v.seconds
         return v
 
@@ -398,7 +441,8 @@ def run(model: str | os.PathLike[str], input_path: str | os.PathLike[str], *,
         if validate:
             validation = session.validate()
             if validation.status == MISMATCH:
-                worst = max(validation.outputs, key=lambda c: c.max_abs_diff)
+                worst = max((c for c in validation.outputs if c.name not in validation.sampled),
+                            key=lambda c: c.max_abs_diff)
                 raise MismatchError(
                     f"predictions on this machine do not match the lock: output {worst.name} differs "
                     f"by up to {worst.max_abs_diff:.3g} ({worst.share_out_of_tolerance:.1%} of elements "
@@ -410,7 +454,8 @@ def run(model: str | os.PathLike[str], input_path: str | os.PathLike[str], *,
             model=session.model, output=out, rows=rows, outputs=tuple(meta["outputs"]),
             strategy=session.resolved.strategy, python=session.resolved.python,
             env_path=session.resolved.env_path, built=session.resolved.built, validation=validation,
-            seconds=dict(session.seconds),
+            seconds=dict(session.seconds), sampled_outputs=sampled_outputs(session.sidecar.manifest),
+            note=reproducibility_note(session.sidecar.manifest, validation),
         )
     finally:
         session.close()

@@ -30,7 +30,7 @@ import numpy as np
 
 import envlock
 from envlock import templating, vendoring
-from envlock._worker.fingerprint import compare_fingerprints, compare_with_stored, fingerprint_weights
+from envlock._worker.fingerprint import compare_fingerprints, compare_with_stored, fingerprint_model
 from envlock._worker.framework import ENV_VARS
 from envlock._worker.inventory import installed
 from envlock.arrayfiles import save_npz
@@ -187,6 +187,24 @@ def _read_probe_file(path: Path, specs: Sequence[Mapping[str, Any]]) -> dict[str
     return {n: data[n] for n in names}
 
 
+def _probe_specs(path: Path) -> list[dict[str, Any]] | None:
+    """Input specs as a probe file gives them (names, one row's shape, dtype); None when the
+    file is unreadable, which _read_probe_file reports once the model's own specs are known."""
+    try:
+        if path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as npz:
+                arrays = {k: (npz[k].shape, npz[k].dtype) for k in npz.files}
+        else:
+            a = np.load(path, mmap_mode="r", allow_pickle=False)
+            arrays = {"input": (a.shape, a.dtype)}
+    except (ValueError, OSError, zipfile.BadZipFile):
+        return None
+    if list(arrays) == ["__single__"]:
+        arrays = {"input": arrays["__single__"]}
+    return [{"name": k, "shape": [None, *[int(d) for d in shape[1:]]],
+             "dtype": "string" if dtype.kind in "SU" else str(dtype)} for k, (shape, dtype) in arrays.items()]
+
+
 def _main_module_source(objects: Sequence[type]) -> str:
     """A module holding the __main__ script's imports and the given classes/functions."""
     main = sys.modules.get("__main__")
@@ -247,7 +265,7 @@ def save(model: Any, path: str | os.PathLike[str], *, probe: Any = None, setting
         try:
             model.save(os.fspath(path), **save_kwargs)
             mains = _main_objects(model)
-            mem = _InMemory(client, ticket, fingerprint_weights(model.weights))
+            mem = _InMemory(client, ticket, fingerprint_model(model))
             if mains:
                 mem.main_source = _main_module_source(mains)
                 mem.main_objects = {c.__name__: c.__qualname__ for c in mains}
@@ -320,9 +338,12 @@ def _lock(path: Path, settings: Settings, options: SaveOptions, workdir: Path, m
                 client.request("prepare", {"sys_path": [str(code_dir)], "modules": [MAIN_MODULE]})
                 custom_map = {name: (MAIN_MODULE, q) for name, q in mem.main_objects.items()}
             stage("loading the model back in a fresh process")
+            # A subclassed model's file does not say its inputs: the probe does.
+            probe_specs = _probe_specs(options.probe) if options.probe is not None else None
             loaded = client.request("load", {"path": str(path.resolve()), "safe_mode": True,
                                              "custom_objects": custom_map,
-                                             "import_config_modules": True})
+                                             "import_config_modules": True,
+                                             "inputs": probe_specs})
             specs = loaded["inputs"]
             probe_in = workdir / "probe-in.npz"
             if options.probe is not None:
@@ -364,7 +385,9 @@ def _lock(path: Path, settings: Settings, options: SaveOptions, workdir: Path, m
                 mismatched = compare_with_stored(client.wait(t_stored), fingerprint)
                 against = "the weights stored in the file"
             if mismatched and not options.allow_mismatch:
-                raise WeightsNotRestoredError(mismatched, detail=f"compared with {against}")
+                custom_layers = [c["qualname"] for c in loaded["custom_objects"] if c.get("kind") == "class"]
+                raise WeightsNotRestoredError(mismatched, detail=f"compared with {against}",
+                                              custom_layers=custom_layers)
             if t_make is not None:
                 client.wait(t_make)
             outs = []
@@ -376,12 +399,14 @@ def _lock(path: Path, settings: Settings, options: SaveOptions, workdir: Path, m
         finally:
             if mem is None:
                 client.close()
-        repeatable = all(np.array_equal(outs[0][k], outs[1][k], equal_nan=True) for k in outs[0])
+        # Outputs that two runs in one process gave other bits for: sampled at inference.
+        varying = [k for k in outs[0] if not np.array_equal(outs[0][k], outs[1][k], equal_nan=True)]
+        repeatable = not varying
         gpus = gpu_f.result()
 
     return _write(path, info, settings, options, host, gpus, dists, packages, lock_texts, loaded,
                   specs, fingerprint, mismatched, probe_in, outs[0], probe_source, repeatable, facts,
-                  code_dir, mem, seconds, t0, command, vendored=vendored)
+                  code_dir, mem, seconds, t0, command, vendored=vendored, varying=varying)
 
 
 def _render_locks(packages: list[Any], python_version: str, command: str,
@@ -444,7 +469,8 @@ def _write(path: Path, info: ModelInfo, settings: Settings, options: SaveOptions
            fingerprint: dict[str, Any], mismatched: list[str], probe_in: Path,
            outputs: dict[str, np.ndarray], probe_source: str, repeatable: bool, facts: dict[str, Any],
            code_dir: Path, mem: _InMemory | None, seconds: dict[str, float], t0: float,
-           command: str, *, vendored: vendoring.VendorResult | None = None) -> SaveResult:
+           command: str, *, vendored: vendoring.VendorResult | None = None,
+           varying: Sequence[str] = ()) -> SaveResult:
     warnings: list[str] = []
     files: dict[str, bytes | Path] = dict(lock_texts)
     custom = [dict(c) for c in loaded["custom_objects"]]
@@ -476,8 +502,9 @@ def _write(path: Path, info: ModelInfo, settings: Settings, options: SaveOptions
     for r in risks:
         warnings.append(f"{r['name']} is an {r['kind']} install: not locked, a reproducibility risk")
     if not repeatable:
-        warnings.append("two runs of the probe in one process gave different bits: the model is "
-                        "nondeterministic here")
+        warnings.append("two runs of the probe in one process gave different bits for output(s) "
+                        f"{', '.join(varying)}: the model is nondeterministic here (it samples at "
+                        "inference?); `envlock run` will not promise their bits")
     if mismatched:
         warnings.append(f"weights_not_restored in layer(s) {', '.join(mismatched)} (saved anyway: "
                         "--allow-mismatch)")
@@ -534,6 +561,7 @@ def _write(path: Path, info: ModelInfo, settings: Settings, options: SaveOptions
             "inputs": _array_specs(inputs),
             "outputs": _array_specs(outputs),
             "repeat_bitwise_equal": repeatable,
+            "varying_outputs": list(varying),
             "tolerance": {"atol": options.atol, "rtol": options.rtol},
         },
         "static_findings": loaded.get("static_findings", []),

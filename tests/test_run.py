@@ -533,3 +533,33 @@ def test_multi_input_model_dict_in_dict_out(tmp_path: Path) -> None:
     single = run_cli("run", str(model), "--input", str(x_path), "--output", str(tmp_path / "y.npy"),
                      env=_env())
     assert single.returncode == 2 and "write them to an .npz file" in _one_error(single.stderr)
+
+
+# --- issue 10 sections 6 and 7: output keys, models that sample ----------------------------------
+
+
+def test_outputs_sharing_a_name_get_unique_stable_keys() -> None:
+    from envlock._worker.model import unique_names
+
+    assert unique_names(["o_net", "o_net", "o_net"]) == ["o_net", "o_net_1", "o_net_2"]
+    # A name the model already uses is skipped, and the first of each name keeps it.
+    assert unique_names(["a", "a", "a_1", "b"]) == ["a", "a_2", "a_1", "b"]
+    assert unique_names(["x", "y"]) == ["x", "y"]
+
+
+def test_run_says_which_outputs_a_sampling_model_does_not_reproduce() -> None:
+    from envlock.running import NOT_COMPARABLE, Validation, reproducibility_note, sampled_outputs
+
+    outputs = [{"name": n} for n in ("z_mean", "z_log_var", "z")]
+    m = {"probe": {"repeat_bitwise_equal": False, "varying_outputs": ["z"], "outputs": outputs}}
+    assert sampled_outputs(m) == ("z",)
+    note = reproducibility_note(m, Validation("identical", (), 0.0, sampled=("z",)))
+    assert note is not None and "output(s) z are not reproducible bit for bit" in note
+    assert "the other output(s) matched the probe (identical)" in note
+    assert "nothing was validated" in str(reproducibility_note(m, None))
+    assert "only run" in str(reproducibility_note(m, Validation(NOT_COMPARABLE, (), 0.0, sampled=("z",))))
+    # A sidecar written before varying_outputs existed: every output is taken as sampled.
+    old = {"probe": {"repeat_bitwise_equal": False, "outputs": outputs}}
+    assert sampled_outputs(old) == ("z_mean", "z_log_var", "z")
+    assert sampled_outputs({"probe": {"repeat_bitwise_equal": True, "outputs": outputs}}) == ()
+    assert reproducibility_note({"probe": {"repeat_bitwise_equal": True}}, None) is None

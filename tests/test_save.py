@@ -426,3 +426,89 @@ def test_onednn_state_forced_both_ways(tiny_project: Path, tmp_path: Path, setti
     d = manifest_of(tmp_path / "model.keras")["determinism"]
     assert d["onednn"] == {"env": setting, "effective": setting == "1"}
     assert d["env"]["TF_ENABLE_ONEDNN_OPTS"] == setting
+
+
+# --- issue 10 section 1 and issue 12 item 8: what the weight fingerprint covers -------------------
+
+SWAPLAYERS = '''
+import keras
+from keras import ops
+
+
+@keras.saving.register_keras_serializable(package="swap")
+class TwoKernels(keras.layers.Layer):
+    """Restores its two same-shaped kernels the wrong way round."""
+
+    def build(self, input_shape):
+        self.a = self.add_weight(shape=(4, 4), initializer="random_normal", name="a")
+        self.b = self.add_weight(shape=(4, 4), initializer="random_normal", name="b")
+
+    def call(self, x):
+        return ops.matmul(ops.matmul(x, self.a), self.b)
+
+    def load_own_variables(self, store):
+        self.a.assign(store["1"])
+        self.b.assign(store["0"])
+'''
+
+
+def test_same_shaped_variables_restored_swapped_fail_save(tmp_path: Path) -> None:
+    (tmp_path / "swaplayers.py").write_text(SWAPLAYERS)
+    (tmp_path / "train.py").write_text(
+        "import keras, swaplayers\nkeras.utils.set_random_seed(0)\ninp = keras.Input((4,), name='x')\n"
+        "keras.Model(inp, swaplayers.TwoKernels(name='two')(inp)).save('swapped.keras')\n")
+    run_python("train.py", cwd=tmp_path)
+    res = run_cli("save", "swapped.keras", cwd=tmp_path)
+    assert res.returncode == 1, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert lines[0].startswith("envlock: error: weights_not_restored: weights of layer(s) two differ")
+    assert lines[1].startswith("  hint: a custom layer (TwoKernels)")
+    assert not (tmp_path / "swapped.keras.envlock").exists()
+
+
+def test_stored_arrays_are_matched_layer_by_layer_in_order() -> None:
+    from envlock._worker.fingerprint import compare_with_stored
+
+    def stored(*groups: tuple[str, list[str]]) -> list[dict[str, object]]:
+        return [{"layer": g, "group": g, "index": i, "sha256": s}
+                for g, shas in groups for i, s in enumerate(shas)]
+
+    def loaded(*layers: tuple[str, list[str]]) -> dict[str, object]:
+        return {"variables": [{"path": f"{name}/v{i}", "sha256": s, "kind": "variable"}
+                              for name, shas in layers for i, s in enumerate(shas)]
+                + [{"path": "lookup/vocabulary", "sha256": "voc", "kind": "vocabulary"}]}
+
+    file = stored(("layers/dense", ["k1", "b1"]), ("layers/dense_1", ["k2", "b2"]))
+    # Names may differ (another session's counters); order inside a layer may not.
+    assert compare_with_stored(file, loaded(("d7", ["k1", "b1"]), ("d8", ["k2", "b2"]))) == []
+    assert compare_with_stored(file, loaded(("d7", ["b1", "k1"]), ("d8", ["k2", "b2"]))) == ["d7"]
+    assert compare_with_stored(file, loaded(("d7", ["k2", "b1"]), ("d8", ["k1", "b2"]))) == ["d7", "d8"]
+    # An array of the file that no loaded layer took: named as the file names it.
+    assert compare_with_stored(file, loaded(("d7", ["k1", "b1"]))) == ["layers/dense_1"]
+    # A SavedModel checkpoint keeps no order: matched as a multiset.
+    ckpt = [{"layer": "kernel", "group": "g", "index": None, "sha256": s} for s in ("k1", "b1")]
+    assert compare_with_stored(ckpt, loaded(("d7", ["k1", "b1"]))) == []
+    assert compare_with_stored(ckpt, loaded(("d7", ["k1", "x"]))) == ["d7"]
+
+
+def test_string_arrays_hash_by_content_not_by_address() -> None:
+    from envlock._worker.fingerprint import array_sha256
+
+    words = ["fixed", "normal", "reversible"]
+    a = np.array([w for w in words], dtype=object)
+    b = np.array([w.encode() for w in words], dtype=object)
+    assert array_sha256(a) == array_sha256(np.array(words)) == array_sha256(b)
+    assert array_sha256(a) != array_sha256(np.array(["fixed", "normal", "reversibl"], dtype=object))
+    # Length-prefixed: moving a boundary between two items changes the hash.
+    assert array_sha256(np.array(["ab", "c"])) != array_sha256(np.array(["a", "bc"]))
+
+
+def test_errors_raised_through_the_api_carry_their_hint() -> None:
+    from envlock.errors import WeightsNotRestoredError
+
+    err = WeightsNotRestoredError(["dense"], detail="compared with the model in memory")
+    assert err.message.startswith("weights_not_restored: weights of layer(s) dense differ")
+    assert str(err) == f"{err.message}\n  hint: {err.hint}"
+    assert "no custom layer" in str(err) and "build()" not in str(err)
+    custom = WeightsNotRestoredError(["forgetful"], custom_layers=["ForgetfulDense"])
+    assert "ForgetfulDense" in str(custom) and "build()" in str(custom)

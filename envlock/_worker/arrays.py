@@ -25,7 +25,10 @@ def probe_inputs(specs, seed: int = 0, rows: int = PROBE_ROWS):  # type: ignore[
         dims = [rows] + [8 if d is None else d for d in spec["shape"][1:]]
         dtype = np.dtype(spec["dtype"]) if spec["dtype"] not in ("string", "str") else None
         if dtype is None:
-            arrays[spec["name"]] = np.array(["probe"] * int(np.prod(dims))).reshape(dims)
+            # A few different words, so that a lookup or vectorization layer sees more than one.
+            words = np.array(["the", "probe", "of", "envlock", "a", "model", "text", "input"])
+            picks = rng.integers(0, len(words), size=(int(np.prod(dims)), 3))
+            arrays[spec["name"]] = np.array([" ".join(words[p]) for p in picks]).reshape(dims)
         elif dtype.kind == "f":
             arrays[spec["name"]] = rng.standard_normal(dims).astype(dtype)
         elif dtype.kind in "iu":
@@ -90,6 +93,9 @@ def check_shapes(shapes, specs) -> None:  # type: ignore[no-untyped-def]
                 spec["name"], tuple(shape), ", ".join("None" if d is None else str(d) for d in want)),
                 kind="input")
         target = np.dtype(spec["dtype"]) if spec["dtype"] not in ("string", "str") else None
+        if target is None and dtype.kind not in "SU":
+            raise WorkerFailure("input %s has dtype %s; the model takes strings (an array of dtype "
+                                "str or bytes)" % (spec["name"], dtype), kind="input")
         if target is not None and not np.can_cast(dtype, target, casting="same_kind"):
             raise WorkerFailure("input %s has dtype %s, which cannot be cast safely to %s" % (
                 spec["name"], dtype, target), kind="input")
@@ -111,6 +117,21 @@ def _normalise_outputs(model, result) -> list:  # type: ignore[no-untyped-def,ty
     return [(output_names(model, 1)[0], as_array(result))]
 
 
+def _feedable(model, batch):  # type: ignore[no-untyped-def]
+    """Keras 3 refuses numpy str/bytes arrays ("Invalid dtype: str..."): strings go in as
+    string tensors. Keras 2 and numeric arrays take numpy as it is."""
+    if not any(b.dtype.kind in "SU" for b in batch) or _keras_major() < 3:
+        return batch
+    from .framework import import_tf
+    tf = import_tf()
+    return [tf.constant(b) if b.dtype.kind in "SU" else b for b in batch]
+
+
+def _keras_major() -> int:
+    from .framework import import_keras
+    return int(str(getattr(import_keras(), "__version__", "3")).split(".")[0] or 3)
+
+
 def predict_to_files(model, arrays, batch_size: int, out_dir: str, progress=None) -> list:  # type: ignore[no-untyped-def,type-arg]
     """Predict in chunks of whole batches and write each output to ``out_dir/<i>.npy``.
 
@@ -124,7 +145,7 @@ def predict_to_files(model, arrays, batch_size: int, out_dir: str, progress=None
     meta = []
     for start in range(0, n, chunk):
         stop = min(n, start + chunk)
-        batch = [np.asarray(a[start:stop]) for a in arrays]
+        batch = _feedable(model, [np.asarray(a[start:stop]) for a in arrays])
         if hasattr(model, "predict"):
             x = batch[0] if len(batch) == 1 else batch
             result = model.predict(x, batch_size=batch_size, verbose=0)

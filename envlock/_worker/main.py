@@ -89,7 +89,7 @@ class Worker:
         self.model = load_model(self.path, safe_mode=args.get("safe_mode", True),
                                 custom_objects=custom or None)
         self.config = read_file_config(self.path)
-        self.specs = input_specs(self.model)
+        self.specs = input_specs(self.model, self.path, args.get("inputs"))
         return {
             "load_seconds": time.time() - t0,
             "inputs": self.specs,
@@ -103,9 +103,8 @@ class Worker:
         return {"framework": framework_facts(), "determinism": determinism_facts()}
 
     def op_fingerprint(self, args):  # type: ignore[no-untyped-def]
-        from .fingerprint import fingerprint_weights
-        from .model import model_weights
-        return fingerprint_weights(model_weights(self._need_model()))
+        from .fingerprint import fingerprint_model
+        return fingerprint_model(self._need_model())
 
     def op_stored_weights(self, args):  # type: ignore[no-untyped-def]
         from .model import stored_weights

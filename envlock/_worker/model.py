@@ -387,7 +387,28 @@ def _clean_name(name: str) -> str:
     return name[:-2] if name.endswith(":0") else name
 
 
-def input_specs(model) -> list:  # type: ignore[no-untyped-def,type-arg]
+def _signature_specs(sig):  # type: ignore[no-untyped-def]
+    args, kwargs = sig
+    specs = list(kwargs.items()) if kwargs else [("input_%d" % i, sp) for i, sp in enumerate(args)]
+    return [{"name": n, "shape": _shape_list(sp.shape), "dtype": _dtype_name(sp.dtype)}
+            for n, sp in sorted(specs)]
+
+
+def _serving_signature(path: str):  # type: ignore[no-untyped-def]
+    """A SavedModel's serving_default input signature, or None."""
+    tf = import_tf()
+    if tf is None or model_format(path) != "savedmodel":
+        return None
+    try:
+        fn = tf.saved_model.load(path).signatures.get("serving_default")
+    except Exception:
+        return None
+    return getattr(fn, "structured_input_signature", None)
+
+
+def input_specs(model, path=None, given=None) -> list:  # type: ignore[no-untyped-def,type-arg]
+    """The model's inputs: from its graph, a SavedModel's serving signature, else ``given``
+    (what the host knows: the probe's arrays at save, the manifest later)."""
     inputs = getattr(model, "inputs", None)
     if inputs:
         return [{"name": _clean_name(getattr(t, "name", "input_%d" % i)),
@@ -397,40 +418,102 @@ def input_specs(model) -> list:  # type: ignore[no-untyped-def,type-arg]
     endpoint = getattr(model, "call_endpoint_fn", None) or getattr(model, "_call_endpoint_fn", None)
     sig = getattr(endpoint, "structured_input_signature", None)
     if sig is not None:
-        args, kwargs = sig
-        specs = list(kwargs.items()) if kwargs else [("input_%d" % i, s) for i, s in enumerate(args)]
-        return [{"name": n, "shape": _shape_list(s.shape), "dtype": _dtype_name(s.dtype)}
-                for n, s in sorted(specs)]
+        return _signature_specs(sig)
+    if given:
+        return [dict(sp) for sp in given]
+    # A subclassed model in a Keras 2 SavedModel: the folder's own serving signature.
+    sig = _serving_signature(path) if path else None
+    if sig is not None:
+        return _signature_specs(sig)
     raise WorkerFailure("cannot tell this model's inputs (a subclassed model?); pass --probe X.npz",
                         kind="input")
+
+
+def unique_names(names) -> list:  # type: ignore[no-untyped-def,type-arg]
+    """Names made unique, stably: the first keeps its name, the next ones get _1, _2... (skipping
+    any name the list already holds). Keras 3 names every output of one layer after the layer."""
+    taken = set(names)
+    seen: set = set()  # type: ignore[type-arg]
+    out = []
+    for n in names:
+        if n in seen:
+            k = 1
+            while "%s_%d" % (n, k) in taken:
+                k += 1
+            n = "%s_%d" % (n, k)
+            taken.add(n)
+        seen.add(n)
+        out.append(n)
+    return out
 
 
 def output_names(model, n: int) -> list:  # type: ignore[no-untyped-def,type-arg]
     names = getattr(model, "output_names", None)
     if names and len(names) == n:
-        return [str(x) for x in names]
+        return unique_names([str(x) for x in names])
     return ["output_%d" % i for i in range(n)]
 
 
 # -- weights stored in the file itself -----------------------------------------------------
 
-def _h5_arrays(group, prefix_skip, out, layer_depth):  # type: ignore[no-untyped-def]
+# Groups of a saved file that hold no state of what the model computes: an optimizer's (of the
+# model, or of an inner model trained on its own before) and compiled metrics' counters.
+_NOT_MODEL_STATE = ("optimizer", "optimizer_weights", "metrics", "compile_metrics")
+
+
+def _keras_arrays(f, out):  # type: ignore[no-untyped-def]
+    """A .keras file's model.weights.h5: <path of one layer>/vars/<i>, i in the layer's order."""
     import h5py  # type: ignore
 
     def visit(name, obj):  # type: ignore[no-untyped-def]
-        if isinstance(obj, h5py.Dataset):
-            parts = name.split("/")
-            if parts and parts[0] in prefix_skip:
-                return
-            layer = parts[layer_depth] if len(parts) > layer_depth else name
-            out.append({"layer": layer, "key": name, "sha256": array_sha256(obj[()])})
-    group.visititems(visit)
+        if not isinstance(obj, h5py.Dataset):
+            return
+        parts = name.split("/")
+        if any(p in _NOT_MODEL_STATE for p in parts[:-1]):
+            return
+        if len(parts) >= 2 and parts[-2] == "vars" and parts[-1].isdigit():
+            group, index = "/".join(parts[:-2]), int(parts[-1])
+        else:
+            group, index = "/".join(parts[:-1]), None
+        layer = group.split("/")[-1] if group else name
+        out.append({"layer": layer, "group": group, "index": index, "key": name,
+                    "sha256": array_sha256(obj[()])})
+    f.visititems(visit)
+
+
+def _h5_arrays(f, out):  # type: ignore[no-untyped-def]
+    """A legacy .h5 file: model_weights/<layer>/<weight name>, ordered by the layer's
+    ``weight_names`` (the order in which Keras assigns them back)."""
+    import h5py  # type: ignore
+    root = f.get("model_weights", f)
+    for layer_name in root:
+        if layer_name in _NOT_MODEL_STATE:
+            continue
+        g = root[layer_name]
+        if not isinstance(g, h5py.Group):
+            continue
+        names = [n.decode() if isinstance(n, bytes) else str(n) for n in g.attrs.get("weight_names", [])]
+        if not names:
+            continue
+        per_group: dict = {}
+        for n in names:
+            ds = g.get(n)
+            if ds is None:
+                continue
+            # The folder of the weight's name is its own layer (nested models keep one h5 group
+            # for all their layers' weights): "dense_5/kernel:0".
+            group = "%s/%s" % (layer_name, n.rsplit("/", 1)[0]) if "/" in n else layer_name
+            index = per_group.get(group, 0)
+            per_group[group] = index + 1
+            out.append({"layer": group.split("/")[-1], "group": group, "index": index,
+                        "key": "%s/%s" % (layer_name, n), "sha256": array_sha256(ds[()])})
 
 
 def stored_weights(path: str) -> list:  # type: ignore[type-arg]
-    """Every weight array stored in the model file, with the layer it belongs to."""
+    """Every weight array stored in the model file: {"layer", "group", "index", "key", "sha256"}
+    (see fingerprint.compare_with_stored). Optimizer state and metrics are left out."""
     fmt = model_format(path)
-    out = []
+    out: list = []  # type: ignore[type-arg]
     if fmt == "keras":
         import io
 
@@ -441,28 +524,29 @@ def stored_weights(path: str) -> list:  # type: ignore[type-arg]
                 return out
             data = io.BytesIO(zf.read("model.weights.h5"))
         with h5py.File(data, "r") as f:
-            # layers/<layer>/vars/<i>; the optimizer's state is not part of the model's output
-            _h5_arrays(f, ("optimizer",), out, 1)
+            _keras_arrays(f, out)
     elif fmt == "h5":
         import h5py  # type: ignore
         with h5py.File(path, "r") as f:
-            group = f.get("model_weights", f)
-            _h5_arrays(group, ("optimizer_weights",), out, 0)
+            _h5_arrays(f, out)
     else:
         tf = import_tf()
         prefix = os.path.join(path, "variables", "variables")
         reader = tf.train.load_checkpoint(prefix)
         for key in sorted(reader.get_variable_to_shape_map()):
-            # Neither the optimizer's state nor compiled metrics' counters (keras_api/metrics/...)
+            # Neither optimizers' state (the model's, an inner model's: .../optimizer/..., slot
+            # variables: .OPTIMIZER_SLOT) nor compiled metrics' counters (keras_api/metrics/...)
             # are part of what the model computes. Keras 3's model.export() saves every variable
             # twice, under variables/ and _all_variables/ (separate objects, same values).
-            top = key.split("/")[0]
-            if not key.endswith(".ATTRIBUTES/VARIABLE_VALUE") or "optimizer" in top \
-                    or key.startswith("keras_api/metrics/") or top == "_all_variables":
-                continue
             parts = key.split("/")
+            if not key.endswith(".ATTRIBUTES/VARIABLE_VALUE") or ".OPTIMIZER_SLOT" in parts \
+                    or any(p in _NOT_MODEL_STATE for p in parts[:-2]) \
+                    or parts[0] == "_all_variables":
+                continue
             layer = parts[-3] if len(parts) >= 3 else key
-            out.append({"layer": layer, "key": key, "sha256": array_sha256(reader.get_tensor(key))})
+            # A checkpoint's keys follow the object graph, not the layers' order: no index.
+            out.append({"layer": layer, "group": "/".join(parts[:-3]), "index": None, "key": key,
+                        "sha256": array_sha256(reader.get_tensor(key))})
     return out
 
 
