@@ -318,14 +318,16 @@ def _all_layers(model):  # type: ignore[no-untyped-def]
     return seen
 
 
-def custom_objects(model, config) -> list:  # type: ignore[no-untyped-def,type-arg]
+def custom_objects(model, config, passed=None) -> list:  # type: ignore[no-untyped-def,type-arg]
+    """``passed``: objects given to load_model as custom_objects (functions Keras 3 writes as
+    module "builtins" are known only from there)."""
     found = {}
     model_classes = {}
-    for layer in _all_layers(model):
-        cls = type(layer)
-        if not is_builtin(cls.__module__):
-            found.setdefault((cls.__module__, cls.__qualname__), _registered_name(cls))
-            model_classes[(cls.__module__, cls.__qualname__)] = cls
+    for obj in [type(layer) for layer in _all_layers(model)] + list((passed or {}).values()):
+        mod = getattr(obj, "__module__", None) or ""
+        if not is_builtin(mod) and hasattr(obj, "__qualname__"):
+            found.setdefault((mod, obj.__qualname__), _registered_name(obj))
+            model_classes[(mod, obj.__qualname__)] = obj
     if config is not None:
         from_config = {}
         _walk_config(config, from_config)
