@@ -201,9 +201,31 @@ def test_unregistered_class_of_an_installed_package_and_a_registering_module(
     done = stack.envlock("check", "model.keras", "--json", cwd=model.parent)
     _check_clean(json.loads(done.stdout))
 
+    # `envlock env --custom-objects` imports the modules in the locked environment, as run does.
+    env_cmd = [str(host_venv / "bin" / "envlock"), "env", str(model), "--find-links", str(zz_index.wheels),
+               "--json", "--custom-objects"]
+    where = tmp_path / "elsewhere"
+    res = subprocess.run([*env_cmd, "zzlayers.layers"], cwd=where, env=_env(ENVLOCK_UV=str(UV)),
+                         capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["custom_objects"] == ["zzlayers.layers"]
+    res = subprocess.run([*env_cmd, "zzreg"], cwd=where, env=_env(ENVLOCK_UV=str(UV)),
+                         capture_output=True, text=True, timeout=900)
+    assert res.returncode == 4 and "zzreg" in res.stderr, res.stderr
+
 
 # --- (b) layers and functions defined in the training script --------------------------------------
 
+# A module whose only use is an activation it registers: the file names it "act>relu2", with
+# module "builtins"; only the saving process knows where it lives.
+ACTIVATIONS = '''\
+import keras
+
+
+@keras.saving.register_keras_serializable(package="act")
+def relu2(x):
+    return keras.ops.relu(x) * 2.0
+'''
 TEXTUTILS = '''\
 import tensorflow as tf
 
@@ -221,6 +243,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+import activations
 import envlock
 from textutils import clean
 
@@ -253,6 +276,7 @@ inp = keras.Input((5,), name="numbers")
 h = tv(ToTokens(name="tokens")(inp))
 h = keras.layers.Embedding(16, 4, name="embed")(h)
 h = keras.layers.GlobalAveragePooling1D()(h)
+h = keras.layers.Dense(4, activation=activations.relu2, name="hidden")(h)
 model = keras.Model(inp, keras.layers.Dense(2, activation=scaled_tanh, name="out")(h))
 model.compile("adam", "mse")
 model.fit(x, x[:, :2] / 9.0, epochs=2, verbose=0)
@@ -267,11 +291,15 @@ def test_layers_and_functions_of_the_training_script(host_venv: Path, tmp_path: 
     project = tmp_path / "project"
     project.mkdir()
     (project / "textutils.py").write_text(TEXTUTILS)
+    (project / "activations.py").write_text(ACTIVATIONS)
     (project / "train.py").write_text(SCRIPT)
     subprocess.run([sys.executable, "train.py"], cwd=project, check=True, capture_output=True, timeout=900)
     model = project / "model.keras"
     m = _manifest(model)
     by_name = {c["qualname"]: c for c in m["custom_objects"]}
+    relu2 = by_name.pop("relu2")
+    assert (relu2["module"], relu2["registered_name"], relu2["vendored"]) == (
+        "activations", "act>relu2", "code/activations.py")
     assert set(by_name) == {"ToTokens", "standardize", "scaled_tanh"}
     assert all(c["defined_in_main"] and c["vendored"] == "code/__envlock_main__.py" for c in by_name.values())
     assert by_name["standardize"]["kind"] == "function"

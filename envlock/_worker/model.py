@@ -429,6 +429,50 @@ def _h5_arrays(group, prefix_skip, out, layer_depth):  # type: ignore[no-untyped
     group.visititems(visit)
 
 
+class _StoredMember:
+    """A read-only file object over an uncompressed zip member, in place in the archive."""
+
+    def __init__(self, path, info):  # type: ignore[no-untyped-def]
+        import struct
+        self._fh = open(path, "rb")  # noqa: SIM115  (closed by close(), as a file object is)
+        self._fh.seek(info.header_offset)
+        header = self._fh.read(30)
+        name_len, extra_len = struct.unpack("<HH", header[26:30])
+        self._start = info.header_offset + 30 + name_len + extra_len
+        self._size = info.file_size
+        self._pos = 0
+
+    def seek(self, offset, whence=0):  # type: ignore[no-untyped-def]
+        base = {0: 0, 1: self._pos, 2: self._size}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def tell(self):  # type: ignore[no-untyped-def]
+        return self._pos
+
+    def readinto(self, buf):  # type: ignore[no-untyped-def]
+        view = memoryview(buf).cast("B")
+        n = max(0, min(len(view), self._size - self._pos))
+        self._fh.seek(self._start + self._pos)
+        got = self._fh.readinto(view[:n]) if n else 0
+        self._pos += got
+        return got
+
+    def read(self, n=-1):  # type: ignore[no-untyped-def]
+        n = self._size - self._pos if n is None or n < 0 else min(n, self._size - self._pos)
+        buf = bytearray(max(0, n))
+        return bytes(buf[:self.readinto(buf)])
+
+    def close(self):  # type: ignore[no-untyped-def]
+        self._fh.close()
+
+    def __enter__(self):  # type: ignore[no-untyped-def]
+        return self
+
+    def __exit__(self, *exc):  # type: ignore[no-untyped-def]
+        self.close()
+
+
 def stored_weights(path: str) -> list:  # type: ignore[type-arg]
     """Every weight array stored in the model file, with the layer it belongs to."""
     fmt = model_format(path)
@@ -441,8 +485,12 @@ def stored_weights(path: str) -> list:  # type: ignore[type-arg]
             names = zf.namelist()
             if "model.weights.h5" not in names:
                 return out
-            data = io.BytesIO(zf.read("model.weights.h5"))
-        with h5py.File(data, "r") as f:
+            info = zf.getinfo("model.weights.h5")
+            # Keras stores the member uncompressed: read it in place, not as a second copy of
+            # every weight in memory (a big model would need twice its size here).
+            data = _StoredMember(path, info) if info.compress_type == zipfile.ZIP_STORED \
+                else io.BytesIO(zf.read("model.weights.h5"))
+        with data, h5py.File(data, "r") as f:
             # layers/<layer>/vars/<i>; the optimizer's state is not part of the model's output
             _h5_arrays(f, ("optimizer",), out, 1)
     elif fmt == "h5":
