@@ -32,7 +32,7 @@ from envlock._worker.fingerprint import compare_fingerprints, compare_with_store
 from envlock._worker.framework import ENV_VARS
 from envlock._worker.inventory import installed
 from envlock.arrayfiles import save_npz
-from envlock.errors import InputArrayError, WeightsNotRestoredError
+from envlock.errors import InputArrayError, ModelFileError, WeightsNotRestoredError
 from envlock.gpu import cuda_env_facts, gpu_facts
 from envlock.hostfacts import platform_facts, python_facts
 from envlock.index import IndexClient
@@ -253,13 +253,17 @@ def _lock(path: Path, settings: Settings, options: SaveOptions, workdir: Path, m
     stage = on_stage or (lambda s: None)
     t0 = time.perf_counter()
     seconds: dict[str, float] = {}
-    info = inspect_model(path)  # bad model path: exit 2 before anything is started or written
+    if not path.exists():  # the rest of inspect_model's checks run while the worker starts
+        raise ModelFileError(path, "no such file or directory")
     if options.probe is not None and not options.probe.is_file():
         raise InputArrayError(f"{options.probe}: no such probe file")
     dists = installed()
     pins = sorted({(d["name"], d["version"]) for d in dists if d["kind"] == "index"
                    and d["name"] != "envlock"})
-    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="envlock-save") as pool:
+    with ThreadPoolExecutor(max_workers=3, thread_name_prefix="envlock-save") as pool:
+        # Checking the archive and hashing it read the whole file: for a big model that is
+        # seconds, spent while the worker imports the framework instead of before.
+        info_f = pool.submit(inspect_model, path)
         lookups_f = pool.submit(IndexClient(settings).lookup_many, pins)
         gpu_f = pool.submit(gpu_facts)
         host = {"python": python_facts(), "platform": platform_facts()}
@@ -274,6 +278,7 @@ def _lock(path: Path, settings: Settings, options: SaveOptions, workdir: Path, m
         else:
             client, ticket = mem.worker, mem.prepare_ticket
         try:
+            info = info_f.result()  # a bad model file: exit 2 before it is loaded
             prepared = client.wait(ticket) if ticket is not None else {}
             seconds["framework_import"] = prepared.get("import_seconds", 0.0)
             module_facts = list(prepared.get("module_facts") or [])
