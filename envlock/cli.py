@@ -280,6 +280,10 @@ def cmd_show(args: argparse.Namespace, out: Out) -> int:
     for c in m.get("custom_objects", []):
         t.add_row("custom", f"{c['module']}.{c['qualname']} (source {str(c.get('source_sha256'))[:12]}…)"
                   + (f" → {c['vendored']}" if c.get("vendored") else ""))
+    for r in m.get("custom_object_modules", []):
+        dist = r.get("distribution") or {}
+        where = r.get("vendored") or (f"{dist.get('name')} {dist.get('version')}" if dist else "installed")
+        t.add_row("module", f"{r['module']} ({r.get('reason')}) → {where}")
     w = m["weights"]
     t.add_row("weights", f"{len(w['variables'])} variables, {w['overall'][:16]}…")
     pr = m["probe"]
