@@ -24,7 +24,7 @@ def _nodes(node):  # type: ignore[no-untyped-def]
             yield from _nodes(v)
 
 
-def config_objects(config) -> dict:  # type: ignore[no-untyped-def,type-arg]
+def config_objects(config) -> dict:  # type: ignore[no-untyped-def]
     """{name Keras looks up: object} for every class the file names by module and class name,
     where that module is imported already (at save: the file's own modules; at run: those the
     manifest records). Keras 3 imports only its own packages' modules when it resolves a class,
