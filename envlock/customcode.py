@@ -18,6 +18,7 @@ Two things live here, both on the host side of ``envlock.save`` (the training pr
 from __future__ import annotations
 
 import ast
+import builtins
 import contextlib
 import inspect
 import os
@@ -372,7 +373,7 @@ def _import_source(node: ast.Import | ast.ImportFrom, wanted: set[str]) -> str |
         return ast.unparse(ast.Import(names=names)) if names else None
     if (node.module or "").split(".")[0] in _NEVER and not node.level:
         return None
-    names = [a for a in node.names if (a.asname or a.name) in wanted]
+    names = [a for a in node.names if (a.asname or a.name) in wanted or a.name == "*"]
     if not names:
         return None
     return ast.unparse(ast.ImportFrom(module=node.module, names=names, level=node.level))
@@ -417,11 +418,19 @@ def capture_main(objects: list[Any]) -> MainCapture:
     chosen: dict[int, ast.stmt] = {}
     wanted: set[str] = set()
     todo = list(names)
+    # `from m import *` binds names no syntax tree shows: what is bound nowhere else may come
+    # from there, so those imports go along whenever such a name is used.
+    stars = [n for n in _definitions(tree.body) if isinstance(n, ast.ImportFrom)
+             and any(a.name == "*" for a in n.names)]
+    known = set(dir(builtins))
     while todo:
         name = todo.pop()
         if name in wanted:
             continue
         wanted.add(name)
+        if name not in binders and name not in known:
+            for node in stars:
+                chosen[id(node)] = node
         for node in choose(name):
             if id(node) in chosen:
                 continue

@@ -364,3 +364,73 @@ def test_edited_helper_in_the_layers_module_is_custom_object_changed(tmp_path: P
     assert "defining module mylayers" in f["summary"] and "own source is unchanged" in f["summary"]
     recorded, current = f["evidence"]["recorded"], f["evidence"]["current"]
     assert recorded["class"] == current["class"] and recorded["module"] != current["module"]
+
+
+# --- the capture itself, fast: what it writes imports where the script and envlock are not --------
+
+CAPTURE_SCRIPT = '''\
+"""Stands for a training script; its objects are captured, then its training code runs."""
+import json
+import math
+import sys
+
+import envlock
+import helpers_two as h2
+from envlock.customcode import capture_main
+from helpers_one import *
+
+RATE = 3.0
+DEBUG = False
+if not DEBUG:
+    class Layer:
+        """A docstring whose second line
+starts at column 0, inside an indented block."""
+
+        def call(self, x):
+            scale = RATE  # a local name is not a module-level one
+            return twice(x) * scale + h2.inc(x)
+try:
+    def act(x):
+        return math.tanh(x)
+except ImportError:
+    pass
+
+model = None  # the training: never captured
+cap = capture_main([Layer, act])
+out = sys.argv[1]
+with open(out + "/__envlock_main__.py", "w") as fh:
+    fh.write(cap.source)
+for rel, src in cap.helpers.items():
+    with open(out + "/" + rel, "w") as fh, open(src) as inp:
+        fh.write(inp.read())
+print(json.dumps({"helpers": sorted(cap.helpers), "objects": cap.objects,
+                  "values": [Layer().call(2.0), act(0.5)]}))
+'''
+
+
+def test_captured_main_imports_without_the_script_envlock_or_the_training(tmp_path: Path) -> None:
+    from test_legacy import base_python
+
+    bare = base_python(f"{sys.version_info.major}.{sys.version_info.minor}")
+    if bare is None:
+        pytest.skip("no bare interpreter of this Python version")
+    project, code = tmp_path / "project", tmp_path / "code"
+    project.mkdir()
+    code.mkdir()
+    (project / "train.py").write_text(CAPTURE_SCRIPT)
+    (project / "helpers_one.py").write_text("def twice(x):\n    return 2 * x\n")
+    (project / "helpers_two.py").write_text("def inc(x):\n    return x + 1\n")
+    done = subprocess.run([sys.executable, "train.py", str(code)], cwd=project, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    doc = json.loads(done.stdout)
+    assert doc["helpers"] == ["helpers_one.py", "helpers_two.py"]
+    assert doc["objects"] == {"Layer": "Layer", "act": "act"}
+    # A Python with neither envlock nor numpy, in the code folder alone, as a rebuilt
+    # environment's worker imports it.
+    check = ("import json, __envlock_main__ as m\n"
+             "print(json.dumps([m.Layer().call(2.0), m.act(0.5), hasattr(m, 'model')]))")
+    got = subprocess.run([str(bare), "-I", "-c", f"import sys; sys.path.insert(0, '.')\n{check}"],
+                         cwd=code, capture_output=True, text=True, timeout=120)
+    assert got.returncode == 0, got.stderr + (code / "__envlock_main__.py").read_text()
+    assert json.loads(got.stdout) == [*doc["values"], False]
