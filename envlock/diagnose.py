@@ -179,7 +179,11 @@ def _custom(m: Mapping[str, Any], o: Observed, c: _Collector) -> None:
               {p: rec.get(k) for p, k in _CODE_HASHES}, {p: cur.get(k) for p, k in _CODE_HASHES},
               f"use the source saved with the model ({rec.get('vendored') or 'see REPRODUCE.md'}), or "
               "save again if the change is intended", module=cur.get("module"),
-              file=cur.get("file"), changed=parts)
+              file=cur.get("file"), changed=parts,
+              # Only the module around it changed: it may or may not touch what the object
+              # computes (a helper it calls, or a global setting), so a setting that differs
+              # for certain ranks above it.
+              bonus=-12 if parts == ["module"] else 0)
 
 
 def _framework(m: Mapping[str, Any], o: Observed, c: _Collector) -> None:
