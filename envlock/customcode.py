@@ -78,6 +78,33 @@ def _registry_lookups() -> list[Any]:
     return found
 
 
+def _nodes(node: Any) -> Iterator[dict[str, Any]]:
+    if isinstance(node, dict):
+        yield node
+        for v in node.values():
+            yield from _nodes(v)
+    elif isinstance(node, list):
+        for v in node:
+            yield from _nodes(v)
+
+
+def _named(config: Any) -> set[str]:
+    """Names the config gives classes and functions. Keras 3 (and the Keras 2 `.keras` format)
+    write every object as a dict with a class_name (functions: class_name "function", the name
+    as config); a script's own `relu` must not be taken for the string "relu" of a built-in
+    activation there. Legacy tf.keras configs name functions by bare string: any string then."""
+    names: set[str] = set()
+    legacy = True
+    for node in _nodes(config):
+        legacy = legacy and "module" not in node
+        cls = node.get("class_name")
+        if cls == "function" and isinstance(node.get("config"), str):
+            names.add(node["config"])
+        elif isinstance(cls, str):
+            names.add(cls)
+    return names | set(_strings(config)) if legacy else names
+
+
 def registered_objects(config: Any) -> dict[str, Any]:
     """Objects of this process that the config names by registered name (``package>name``)."""
     lookups = _registry_lookups()
@@ -119,7 +146,7 @@ def main_objects(model: Any, config: Any) -> list[Any]:
             stack.extend(subs)
     main = sys.modules.get("__main__")
     names = vars(main) if main is not None else {}
-    for s in set(_strings(config)):
+    for s in _named(config):
         obj = names.get(s)
         if inspect.isclass(obj) or inspect.isfunction(obj):
             add(obj)
