@@ -9,6 +9,8 @@
     imports envlock: saved with envlock.save, run from a host without TensorFlow elsewhere.
 (c) Issue 12.7: a module-level helper that the layer calls is edited; check says that the
     layer's module, not the class itself, changed.
+(d) The capture alone, fast: what it writes imports in a bare interpreter (no envlock, no
+    numpy) from the code folder alone, and computes what the script computed.
 
 Every run is compared bit for bit with model.predict in the environment that trained the model,
 and `envlock check` in that unchanged environment must say identical with no finding.
