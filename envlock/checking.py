@@ -177,7 +177,8 @@ def _fresh_replay(first: ModelSession) -> dict[str, np.ndarray] | None:
                           use_recorded_env=first.use_recorded_env, trust_code=first.trust_code,
                           unsafe=first.unsafe, timeout=first.timeout, find_links=first.find_links,
                           verify_model_file=False, code_first=first.code_first,
-                          skip_untrusted_code=first.skip_untrusted_code)
+                          skip_untrusted_code=first.skip_untrusted_code,
+                          custom_objects=first.custom_objects)
     try:
         second.open()
         return second.replay_probe("fresh")

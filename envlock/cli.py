@@ -101,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: conda when the sidecar holds a conda-lock.yml, else venv")
     p.add_argument("--allow-python-download", action="store_true")
     p.add_argument("--find-links", action="append", default=[], metavar="DIR")
+    _custom_objects_arg(p)
     _common(p)
     p.set_defaults(func=cmd_env)
 
@@ -137,6 +138,13 @@ def _session_args(p: argparse.ArgumentParser) -> None:
                    help="let uv download the recorded Python if none is installed")
     p.add_argument("--find-links", action="append", default=[], metavar="DIR",
                    help="extra folder of wheels (e.g. for packages gone from the index)")
+    _custom_objects_arg(p)
+
+
+def _custom_objects_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--custom-objects", action="append", default=[], metavar="MODULE",
+                   help="import MODULE before loading (repeatable); those given at save are "
+                        "imported anyway")
 
 
 def _session_kwargs(args: argparse.Namespace, out: Out) -> dict[str, Any]:
@@ -146,6 +154,7 @@ def _session_kwargs(args: argparse.Namespace, out: Out) -> dict[str, Any]:
         "allow_python_download": args.allow_python_download,
         "find_links": tuple(str(Path(f).resolve()) for f in args.find_links),
         "on_stage": out.stage, "on_build_event": out.build_event,
+        "custom_objects": tuple(args.custom_objects),
     }
 
 
@@ -280,6 +289,10 @@ def cmd_show(args: argparse.Namespace, out: Out) -> int:
     for c in m.get("custom_objects", []):
         t.add_row("custom", f"{c['module']}.{c['qualname']} (source {str(c.get('source_sha256'))[:12]}…)"
                   + (f" → {c['vendored']}" if c.get("vendored") else ""))
+    for r in m.get("custom_object_modules", []):
+        dist = r.get("distribution") or {}
+        where = r.get("vendored") or (f"{dist.get('name')} {dist.get('version')}" if dist else "installed")
+        t.add_row("module", f"{r['module']} ({r.get('reason')}) → {where}")
     w = m["weights"]
     t.add_row("weights", f"{len(w['variables'])} variables, {w['overall'][:16]}…")
     pr = m["probe"]
@@ -480,7 +493,7 @@ def cmd_diff(args: argparse.Namespace, out: Out) -> int:
 
 
 def cmd_env(args: argparse.Namespace, out: Out) -> int:
-    from envlock.running import resolve_environment
+    from envlock.running import import_modules, resolve_environment
     from envlock.settings import Settings
     from envlock.sidecar import read_sidecar
 
@@ -489,10 +502,12 @@ def cmd_env(args: argparse.Namespace, out: Out) -> int:
     resolved = resolve_environment(sc, settings=Settings.from_env(), strategy=strategy,
                                    allow_python_download=args.allow_python_download,
                                    find_links=tuple(args.find_links), on_event=out.build_event)
+    imported = import_modules(sc, resolved, tuple(args.custom_objects), settings=Settings.from_env())
     if out.json:
         out.emit_json({"schema": "envlock.env/1", "strategy": resolved.strategy,
                        "path": str(resolved.env_path) if resolved.env_path else None,
-                       "python": str(resolved.python), "built": resolved.built})
+                       "python": str(resolved.python), "built": resolved.built,
+                       "custom_objects": imported})
         return 0
     sys.stdout.write(f"{resolved.env_path or Path(resolved.python).parent.parent}\n")
     return 0

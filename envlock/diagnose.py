@@ -148,6 +148,9 @@ def _model(m: Mapping[str, Any], o: Observed, c: _Collector) -> None:
               w.get("overall"), o.fingerprint.get("overall"), fix, layers=layers)
 
 
+_CODE_HASHES = (("class", "source_sha256"), ("module", "file_sha256"))
+
+
 def _custom(m: Mapping[str, Any], o: Observed, c: _Collector) -> None:
     if o.load_error is not None and o.load_error.get("cause") == "custom_object_missing":
         c.add("custom_object_missing", f"the model does not load: {o.load_error.get('message')}",
@@ -157,6 +160,7 @@ def _custom(m: Mapping[str, Any], o: Observed, c: _Collector) -> None:
     if o.custom_objects is None:
         return
     current = {(x.get("registered_name") or f"{x['module']}.{x['qualname']}"): x for x in o.custom_objects}
+    changed: list[tuple[str, Mapping[str, Any], Mapping[str, Any], list[str]]] = []
     for rec in m.get("custom_objects", []):
         key = rec.get("registered_name") or f"{rec['module']}.{rec['qualname']}"
         cur = current.get(key)
@@ -164,13 +168,26 @@ def _custom(m: Mapping[str, Any], o: Observed, c: _Collector) -> None:
             c.add("custom_object_missing", f"custom object {key} is not available at load", key, None,
                   f"install or put on the path the module {rec['module']} (the sidecar has its source"
                   f"{' in ' + rec['vendored'] if rec.get('vendored') else ''})")
-        elif rec.get("source_sha256") and cur.get("source_sha256") \
-                and rec["source_sha256"] != cur["source_sha256"]:
-            c.add("custom_object_changed", f"{key} is bound to different code than at save",
-                  rec["source_sha256"], cur["source_sha256"],
-                  f"use the source saved with the model ({rec.get('vendored') or 'see REPRODUCE.md'}), or "
-                  "save again if the change is intended", module=cur.get("module"),
-                  file=cur.get("file"))
+        else:
+            # The class's own text, and the whole module that defines it (a module-level helper
+            # the class calls changes what it computes as much as its own code does).
+            parts = [p for p, k in _CODE_HASHES if rec.get(k) and cur.get(k) and rec[k] != cur[k]]
+            if parts:
+                changed.append((key, rec, cur, parts))
+    # One finding: the object whose own source changed explains more than a module-mate.
+    for key, rec, cur, parts in sorted(changed, key=lambda t: "class" not in t[3]):
+        what = ("its source" if parts == ["class"] else
+                f"its defining module {cur.get('module')} (its own source is unchanged)"
+                if parts == ["module"] else f"its source and its defining module {cur.get('module')}")
+        c.add("custom_object_changed", f"{key} is bound to different code than at save: {what} changed",
+              {p: rec.get(k) for p, k in _CODE_HASHES}, {p: cur.get(k) for p, k in _CODE_HASHES},
+              f"use the source saved with the model ({rec.get('vendored') or 'see REPRODUCE.md'}), or "
+              "save again if the change is intended", module=cur.get("module"),
+              file=cur.get("file"), changed=parts,
+              # Only the module around it changed: it may or may not touch what the object
+              # computes (a helper it calls, or a global setting), so a setting that differs
+              # for certain ranks above it.
+              bonus=-12 if parts == ["module"] else 0)
 
 
 def _framework(m: Mapping[str, Any], o: Observed, c: _Collector) -> None:

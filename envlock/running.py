@@ -168,6 +168,26 @@ def resolve_environment(sc: Sidecar, *, settings: Settings, strategy: str = "aut
     return Resolved("venv", env.python, env.path, env.built)
 
 
+def import_modules(sc: Sidecar, resolved: Resolved, modules: tuple[str, ...], *,
+                   settings: Settings) -> list[str]:
+    """Import ``modules`` (``envlock env --custom-objects``) in the resolved environment, as
+    run would before loading, so that a module missing there is found before a run needs it.
+    Returns the modules imported; a failure raises WorkerError naming the module."""
+    if not modules:
+        return []
+    logs = settings.home / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    client = WorkerClient(resolved.python, env=recorded_environment(sc, use_recorded=True),
+                          log_path=logs / f"env-worker-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log",
+                          cwd=os.getcwd())
+    try:
+        client.start()
+        done = client.request("prepare", {"modules": list(modules), "sys_path": [os.getcwd()]})
+        return list(done.get("modules") or [])
+    finally:
+        client.close()
+
+
 def recorded_environment(sc: Sidecar, *, use_recorded: bool) -> dict[str, str]:
     """The worker's environment: clean, plus the determinism variables as they were at save.
 
@@ -207,7 +227,7 @@ class ModelSession:
                  allow_python_download: bool = False, find_links: tuple[str, ...] = (),
                  on_stage: Stage | None = None, on_build_event: Callable[[Any], None] | None = None,
                  verify_model_file: bool = True, code_first: bool = True,
-                 skip_untrusted_code: bool = False) -> None:
+                 skip_untrusted_code: bool = False, custom_objects: tuple[str, ...] = ()) -> None:
         self.model = Path(model)
         self.settings = settings or Settings.from_env()
         self.strategy = strategy
@@ -224,6 +244,8 @@ class ModelSession:
         self.verify_model_file = verify_model_file
         self.code_first = code_first
         self.skip_untrusted_code = skip_untrusted_code
+        # Modules to import before loading, beyond those the manifest records (--custom-objects).
+        self.custom_objects = tuple(custom_objects)
         self.sidecar = read_sidecar(self.model)
         self.resolved: Resolved | None = None
         self.client: WorkerClient | None = None
@@ -306,6 +328,12 @@ class ModelSession:
                           and not c.get("defined_in_main")})
         if any(c.get("defined_in_main") for c in customs) and code_path:
             modules.append(MAIN_MODULE)
+        # Modules imported before loading at save (say, one that only registers classes): their
+        # copy in code/, or their installed package. Then the ones given here.
+        for rec in self.sidecar.get("custom_object_modules") or []:
+            if rec["module"] not in modules and (code_path or not rec.get("vendored")):
+                modules.append(rec["module"])
+        modules.extend(m for m in self.custom_objects if m not in modules)
         custom_map = {c["qualname"].split(".")[-1]: (MAIN_MODULE, c["qualname"])
                       for c in customs if c.get("defined_in_main")}
         where = "sys_path" if self.code_first else "sys_path_append"

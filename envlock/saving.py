@@ -7,10 +7,8 @@ The sidecar is written last, all at once (see sidecar.write_sidecar).
 
 from __future__ import annotations
 
-import ast
 import atexit
 import hashlib
-import inspect
 import io
 import os
 import shlex
@@ -22,19 +20,19 @@ import time
 import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 import envlock
-from envlock import templating, vendoring
+from envlock import customcode, templating, vendoring
 from envlock._worker.fingerprint import compare_fingerprints, compare_with_stored, fingerprint_model
 from envlock._worker.framework import ENV_VARS
 from envlock._worker.inventory import installed
 from envlock.arrayfiles import save_npz
-from envlock.errors import InputArrayError, WeightsNotRestoredError
+from envlock.errors import InputArrayError, ModelFileError, WeightsNotRestoredError
 from envlock.gpu import cuda_env_facts, gpu_facts
 from envlock.hostfacts import platform_facts, python_facts
 from envlock.index import IndexClient
@@ -74,8 +72,13 @@ class _InMemory:
     worker: WorkerClient
     prepare_ticket: tuple[int, str] | None  # None: a reused worker, prepared already
     fingerprint: dict[str, Any]
-    main_source: str | None = None
-    main_objects: dict[str, str] = field(default_factory=dict)
+    main: customcode.MainCapture | None = None  # the __main__ script's objects, captured
+    # Modules defining objects the file names only by registered name (known in this process).
+    registered_modules: tuple[str, ...] = ()
+
+    @property
+    def main_objects(self) -> dict[str, str]:
+        return self.main.objects if self.main is not None else {}
 
 
 def _worker_env() -> dict[str, str]:
@@ -205,47 +208,6 @@ def _probe_specs(path: Path) -> list[dict[str, Any]] | None:
              "dtype": "string" if dtype.kind in "SU" else str(dtype)} for k, (shape, dtype) in arrays.items()]
 
 
-def _main_module_source(objects: Sequence[type]) -> str:
-    """A module holding the __main__ script's imports and the given classes/functions."""
-    main = sys.modules.get("__main__")
-    imports: list[str] = []
-    try:
-        tree = ast.parse(inspect.getsource(main)) if main is not None else None
-    except (OSError, TypeError, SyntaxError):
-        tree = None
-    if tree is not None:
-        src = inspect.getsource(main)  # type: ignore[arg-type]
-        for node in tree.body:
-            if isinstance(node, (ast.Import, ast.ImportFrom)):
-                seg = ast.get_source_segment(src, node)
-                if seg:
-                    imports.append(seg)
-    parts = ["# Captured by envlock from the __main__ script that defined these objects.",
-             "# Move them into a module of your project: a script cannot be imported at load time.",
-             *imports, ""]
-    for obj in sorted(objects, key=lambda o: inspect.getsourcelines(o)[1]):
-        parts.append(inspect.getsource(obj))
-    return "\n".join(parts) + "\n"
-
-
-def _main_objects(model: Any) -> list[type]:
-    found: list[Any] = []
-    stack = [model]
-    seen: list[Any] = []
-    while stack:
-        layer = stack.pop()
-        if any(layer is s for s in seen):
-            continue
-        seen.append(layer)
-        for cls in type(layer).__mro__:
-            if cls.__module__ == "__main__" and cls not in found:
-                found.append(cls)
-        subs = getattr(layer, "layers", None) or getattr(layer, "_layers", None) or []
-        if isinstance(subs, (list, tuple)):
-            stack.extend(subs)
-    return found
-
-
 def save(model: Any, path: str | os.PathLike[str], *, probe: Any = None, settings: Settings | None = None,
          custom_objects: Sequence[str] = (), allow_mismatch: bool = False, atol: float = DEFAULT_ATOL,
          rtol: float = DEFAULT_RTOL, on_stage: Stage | None = None, vendor: bool = False,
@@ -264,11 +226,12 @@ def save(model: Any, path: str | os.PathLike[str], *, probe: Any = None, setting
         keep = False
         try:
             model.save(os.fspath(path), **save_kwargs)
-            mains = _main_objects(model)
-            mem = _InMemory(client, ticket, fingerprint_model(model))
+            config = customcode.read_config(path)
+            mains = customcode.main_objects(model, config)
+            mem = _InMemory(client, ticket, fingerprint_model(model),
+                            registered_modules=tuple(customcode.registered_modules(config)))
             if mains:
-                mem.main_source = _main_module_source(mains)
-                mem.main_objects = {c.__name__: c.__qualname__ for c in mains}
+                mem.main = customcode.capture_main(mains)
             probe_path = None
             label = None
             in_memory = probe is not None and not isinstance(probe, (str, os.PathLike))
@@ -308,13 +271,17 @@ def _lock(path: Path, settings: Settings, options: SaveOptions, workdir: Path, m
     stage = on_stage or (lambda s: None)
     t0 = time.perf_counter()
     seconds: dict[str, float] = {}
-    info = inspect_model(path)  # bad model path: exit 2 before anything is started or written
+    if not path.exists():  # the rest of inspect_model's checks run while the worker starts
+        raise ModelFileError(path, "no such file or directory")
     if options.probe is not None and not options.probe.is_file():
         raise InputArrayError(f"{options.probe}: no such probe file")
     dists = installed()
     pins = sorted({(d["name"], d["version"]) for d in dists if d["kind"] == "index"
                    and d["name"] != "envlock"})
-    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="envlock-save") as pool:
+    with ThreadPoolExecutor(max_workers=3, thread_name_prefix="envlock-save") as pool:
+        # Checking the archive and hashing it read the whole file: for a big model that is
+        # seconds, spent while the worker imports the framework instead of before.
+        info_f = pool.submit(inspect_model, path)
         lookups_f = pool.submit(IndexClient(settings).lookup_many, pins)
         gpu_f = pool.submit(gpu_facts)
         host = {"python": python_facts(), "platform": platform_facts()}
@@ -329,12 +296,25 @@ def _lock(path: Path, settings: Settings, options: SaveOptions, workdir: Path, m
         else:
             client, ticket = mem.worker, mem.prepare_ticket
         try:
+            info = info_f.result()  # a bad model file: exit 2 before it is loaded
             prepared = client.wait(ticket) if ticket is not None else {}
             seconds["framework_import"] = prepared.get("import_seconds", 0.0)
+            module_facts = list(prepared.get("module_facts") or [])
+            if options.custom_object_modules and not module_facts:  # a reused worker
+                module_facts = client.request("prepare", {"modules": list(options.custom_object_modules)}
+                                              ).get("module_facts") or []
             custom_map: dict[str, tuple[str, str]] = {}
-            if mem is not None and mem.main_source:
+            if mem is not None and mem.registered_modules:
+                client.request("prepare", {"modules": list(mem.registered_modules),
+                                           "modules_optional": True})
+            if mem is not None and mem.main is not None:
                 code_dir.mkdir(parents=True, exist_ok=True)
-                (code_dir / f"{MAIN_MODULE}.py").write_text(mem.main_source, encoding="utf-8")
+                (code_dir / f"{MAIN_MODULE}.py").write_text(mem.main.source, encoding="utf-8")
+                for rel, src in mem.main.helpers.items():
+                    (code_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(src, code_dir / rel)
+                # The captured code, not the user's folder, must be what imports: the helpers
+                # come from code/ too, as they will at run.
                 client.request("prepare", {"sys_path": [str(code_dir)], "modules": [MAIN_MODULE]})
                 custom_map = {name: (MAIN_MODULE, q) for name, q in mem.main_objects.items()}
             stage("loading the model back in a fresh process")
@@ -406,7 +386,8 @@ def _lock(path: Path, settings: Settings, options: SaveOptions, workdir: Path, m
 
     return _write(path, info, settings, options, host, gpus, dists, packages, lock_texts, loaded,
                   specs, fingerprint, mismatched, probe_in, outs[0], probe_source, repeatable, facts,
-                  code_dir, mem, seconds, t0, command, vendored=vendored, varying=varying)
+                  code_dir, mem, seconds, t0, command, vendored=vendored, varying=varying,
+                  module_facts=module_facts)
 
 
 def _render_locks(packages: list[Any], python_version: str, command: str,
@@ -418,6 +399,23 @@ def _render_locks(packages: list[Any], python_version: str, command: str,
         "pylock.toml": render_pylock(packages, python_version=python_version,
                                      created_by="envlock").encode(),
     }
+
+
+def _vendor_file(file: str | None, root: str | None, files: dict[str, bytes | Path]) -> str | None:
+    """Copy a module of the user's project (file under its sys.path root) into code/, with its
+    packages' __init__.py files; returns its path in the sidecar."""
+    if not file or not root:
+        return None
+    src, top = Path(file), Path(root)
+    rel = src.relative_to(top)
+    files[f"code/{rel.as_posix()}"] = src
+    parent = src.parent
+    while parent != top and top in parent.parents:
+        init = parent / "__init__.py"
+        if init.is_file():
+            files[f"code/{init.relative_to(top).as_posix()}"] = init
+        parent = parent.parent
+    return f"code/{rel.as_posix()}"
 
 
 def _vendor_code(custom: list[dict[str, Any]], code_dir: Path, mem: _InMemory | None,
@@ -436,21 +434,38 @@ def _vendor_code(custom: list[dict[str, Any]], code_dir: Path, mem: _InMemory | 
         if not c.get("importable"):
             warnings.append(f"custom object {c['module']}.{c['qualname']} could not be imported at save")
             continue
-        if c.get("in_site_packages") or not c.get("file") or not c.get("root"):
+        if c.get("in_site_packages"):
             continue
-        src, root = Path(c["file"]), Path(c["root"])
-        rel = src.relative_to(root)
-        files[f"code/{rel.as_posix()}"] = src
-        c["vendored"] = f"code/{rel.as_posix()}"
-        parent = src.parent
-        while parent != root and root in parent.parents:
-            init = parent / "__init__.py"
-            if init.is_file():
-                files[f"code/{init.relative_to(root).as_posix()}"] = init
-            parent = parent.parent
+        c["vendored"] = _vendor_file(c.get("file"), c.get("root"), files)
+    if mem is not None and mem.main is not None:
+        warnings.extend(mem.main.warnings)
+        for rel in mem.main.helpers:
+            files[f"code/{rel}"] = code_dir / rel
     for c in custom:  # machine-specific paths say nothing on another machine
         c["source_file"] = c.pop("file", None)
         c.pop("root", None)
+
+
+def _module_records(module_facts: Sequence[Mapping[str, Any]], mem: _InMemory | None,
+                    files: dict[str, bytes | Path]) -> list[dict[str, Any]]:
+    """The modules imported before loading, recorded so that run and check import them too:
+    those given with --custom-objects (say, one that registers classes), and the user's own
+    modules that captured __main__ code imports. A module of the user's project is copied into
+    code/; one of an installed package is named with its distribution (it is in the lock)."""
+    records = []
+    for f in module_facts:
+        records.append({"module": f["module"], "reason": "--custom-objects", "sha256": f.get("sha256"),
+                        "in_site_packages": f.get("in_site_packages"),
+                        "distribution": f.get("distribution"),
+                        "vendored": None if f.get("in_site_packages")
+                        else _vendor_file(f.get("file"), f.get("root"), files)})
+    if mem is not None and mem.main is not None:
+        for module, rel in sorted(mem.main.helper_modules.items()):
+            records.append({"module": module, "reason": f"imported by {MAIN_MODULE}",
+                            "sha256": hashlib.sha256(mem.main.helpers[rel].read_bytes()).hexdigest(),
+                            "in_site_packages": False, "distribution": None,
+                            "vendored": f"code/{rel}"})
+    return records
 
 
 def _array_specs(arrays: Mapping[str, np.ndarray]) -> list[dict[str, Any]]:
@@ -470,11 +485,13 @@ def _write(path: Path, info: ModelInfo, settings: Settings, options: SaveOptions
            outputs: dict[str, np.ndarray], probe_source: str, repeatable: bool, facts: dict[str, Any],
            code_dir: Path, mem: _InMemory | None, seconds: dict[str, float], t0: float,
            command: str, *, vendored: vendoring.VendorResult | None = None,
-           varying: Sequence[str] = ()) -> SaveResult:
+           varying: Sequence[str] = (),
+           module_facts: Sequence[Mapping[str, Any]] = ()) -> SaveResult:
     warnings: list[str] = []
     files: dict[str, bytes | Path] = dict(lock_texts)
     custom = [dict(c) for c in loaded["custom_objects"]]
     _vendor_code(custom, code_dir, mem, files, warnings)
+    custom_modules = _module_records(module_facts, mem, files)
 
     with np.load(probe_in, allow_pickle=False) as npz:
         inputs = {k: npz[k] for k in npz.files}
@@ -552,6 +569,7 @@ def _write(path: Path, info: ModelInfo, settings: Settings, options: SaveOptions
             "vendored": vendored.manifest() if vendored is not None else None,
         },
         "custom_objects": custom,
+        "custom_object_modules": custom_modules,
         "weights": {**fingerprint, "restored": not mismatched, "mismatched_layers": mismatched},
         "probe": {
             "file": "probe.npz",

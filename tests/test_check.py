@@ -373,7 +373,10 @@ def test_dtype_policy_differs(where: str, project: Path, mixed_precision_site: P
     else:
         python = mixed_precision_site
     doc = check_json(project, "--strategy", "current", python=python)
-    assert causes(doc) == ["dtype_policy_differs"]
+    # Editing tinylayers.py also changed the module that defines the custom layers (issue 12.7):
+    # said second, the setting it made first.
+    assert causes(doc) == ["dtype_policy_differs"] + (["custom_object_changed"] if where == "project_module"
+                                                      else [])
     assert finding(doc, "dtype_policy_differs")["evidence"] == {"recorded": "float32",
                                                                 "current": "mixed_float16"}
 

@@ -57,10 +57,13 @@ class Worker:
                 sys.path.append(p)
         modules = load_extra_modules(args.get("modules"), args.get("sys_path"),
                                      strict=not args.get("modules_optional", False))
+        from .customcode import describe_module
         return {"framework": framework_facts(), "applied": applied, "modules": modules,
+                "module_facts": [describe_module(m) for m in modules],
                 "import_seconds": time.time() - t0}
 
     def op_load(self, args):  # type: ignore[no-untyped-def]
+        from .customcode import add_distributions, config_objects
         from .model import (
             custom_objects,
             file_metadata,
@@ -72,7 +75,8 @@ class Worker:
         custom = {}
         for name, (module, attr) in (args.get("custom_objects") or {}).items():
             import importlib
-            custom[name] = getattr(importlib.import_module(module), attr)
+            with contextlib.suppress(Exception):  # if missing, Keras says which object it lacks
+                custom[name] = getattr(importlib.import_module(module), attr)
         t0 = time.time()
         if self.model is not None:
             # A reused worker: forget the last model, so this load sees a fresh session.
@@ -86,14 +90,18 @@ class Worker:
             # module is imported. At save the file is the user's own, so import what it names.
             from .model import config_modules, load_extra_modules
             load_extra_modules(config_modules(read_file_config(self.path)), [], strict=False)
+        self.config = read_file_config(self.path)
+        for name, obj in config_objects(self.config).items():
+            custom.setdefault(name, obj)
         self.model = load_model(self.path, safe_mode=args.get("safe_mode", True),
                                 custom_objects=custom or None)
-        self.config = read_file_config(self.path)
         self.specs = input_specs(self.model, self.path, args.get("inputs"))
+        described = custom_objects(self.model, self.config, custom)
+        add_distributions(described)
         return {
             "load_seconds": time.time() - t0,
             "inputs": self.specs,
-            "custom_objects": custom_objects(self.model, self.config),
+            "custom_objects": described,
             "static_findings": static_findings(self.model),
             "file_metadata": file_metadata(self.path),
         }

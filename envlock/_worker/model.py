@@ -318,14 +318,16 @@ def _all_layers(model):  # type: ignore[no-untyped-def]
     return seen
 
 
-def custom_objects(model, config) -> list:  # type: ignore[no-untyped-def,type-arg]
+def custom_objects(model, config, passed=None) -> list:  # type: ignore[no-untyped-def,type-arg]
+    """``passed``: objects given to load_model as custom_objects (functions Keras 3 writes as
+    module "builtins" are known only from there)."""
     found = {}
     model_classes = {}
-    for layer in _all_layers(model):
-        cls = type(layer)
-        if not is_builtin(cls.__module__):
-            found.setdefault((cls.__module__, cls.__qualname__), _registered_name(cls))
-            model_classes[(cls.__module__, cls.__qualname__)] = cls
+    for obj in [type(layer) for layer in _all_layers(model)] + list((passed or {}).values()):
+        mod = getattr(obj, "__module__", None) or ""
+        if not is_builtin(mod) and hasattr(obj, "__qualname__"):
+            found.setdefault((mod, obj.__qualname__), _registered_name(obj))
+            model_classes[(mod, obj.__qualname__)] = obj
     if config is not None:
         from_config = {}
         _walk_config(config, from_config)
@@ -509,6 +511,50 @@ def _h5_arrays(f, out):  # type: ignore[no-untyped-def]
                         "key": "%s/%s" % (layer_name, n), "sha256": array_sha256(ds[()])})
 
 
+class _StoredMember:
+    """A read-only file object over an uncompressed zip member, in place in the archive."""
+
+    def __init__(self, path, info):  # type: ignore[no-untyped-def]
+        import struct
+        self._fh = open(path, "rb")  # noqa: SIM115  (closed by close(), as a file object is)
+        self._fh.seek(info.header_offset)
+        header = self._fh.read(30)
+        name_len, extra_len = struct.unpack("<HH", header[26:30])
+        self._start = info.header_offset + 30 + name_len + extra_len
+        self._size = info.file_size
+        self._pos = 0
+
+    def seek(self, offset, whence=0):  # type: ignore[no-untyped-def]
+        base = {0: 0, 1: self._pos, 2: self._size}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def tell(self):  # type: ignore[no-untyped-def]
+        return self._pos
+
+    def readinto(self, buf):  # type: ignore[no-untyped-def]
+        view = memoryview(buf).cast("B")
+        n = max(0, min(len(view), self._size - self._pos))
+        self._fh.seek(self._start + self._pos)
+        got = self._fh.readinto(view[:n]) if n else 0
+        self._pos += got
+        return got
+
+    def read(self, n=-1):  # type: ignore[no-untyped-def]
+        n = self._size - self._pos if n is None or n < 0 else min(n, self._size - self._pos)
+        buf = bytearray(max(0, n))
+        return bytes(buf[:self.readinto(buf)])
+
+    def close(self):  # type: ignore[no-untyped-def]
+        self._fh.close()
+
+    def __enter__(self):  # type: ignore[no-untyped-def]
+        return self
+
+    def __exit__(self, *exc):  # type: ignore[no-untyped-def]
+        self.close()
+
+
 def stored_weights(path: str) -> list:  # type: ignore[type-arg]
     """Every weight array stored in the model file: {"layer", "group", "index", "key", "sha256"}
     (see fingerprint.compare_with_stored). Optimizer state and metrics are left out."""
@@ -522,8 +568,12 @@ def stored_weights(path: str) -> list:  # type: ignore[type-arg]
             names = zf.namelist()
             if "model.weights.h5" not in names:
                 return out
-            data = io.BytesIO(zf.read("model.weights.h5"))
-        with h5py.File(data, "r") as f:
+            info = zf.getinfo("model.weights.h5")
+            # Keras stores the member uncompressed: read it in place, not as a second copy of
+            # every weight in memory (a big model would need twice its size here).
+            data = _StoredMember(path, info) if info.compress_type == zipfile.ZIP_STORED \
+                else io.BytesIO(zf.read("model.weights.h5"))
+        with data, h5py.File(data, "r") as f:
             _keras_arrays(f, out)
     elif fmt == "h5":
         import h5py  # type: ignore
