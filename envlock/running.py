@@ -22,6 +22,7 @@ from envlock._worker.framework import ENV_VARS
 from envlock.compare import IDENTICAL, MISMATCH, OutputComparison, compare_outputs, overall_status
 from envlock.envcache import EnvCache, EnvSpec, default_platform_tag, locked_pins, satisfies
 from envlock.errors import BadInputError, EnvironmentBuildError, InputArrayError, MismatchError
+from envlock.manifest import RUN_NEEDS
 from envlock.modelfile import inspect_model
 from envlock.settings import Settings
 from envlock.sidecar import MAIN_MODULE, Sidecar, read_sidecar  # not via saving: 60 ms of start-up
@@ -69,6 +70,7 @@ class RunResult:
     built: bool
     validation: Validation | None
     seconds: dict[str, float] = field(default_factory=dict)
+    nonfinite_rows: int = 0  # input rows holding a NaN or an infinity: predicted, and reported
 
     schema = "envlock.run/1"
 
@@ -78,7 +80,7 @@ class RunResult:
             "rows": self.rows, "outputs": list(self.outputs), "strategy": self.strategy,
             "python": str(self.python), "env_path": str(self.env_path) if self.env_path else None,
             "built": self.built, "validation": self.validation.to_json() if self.validation else None,
-            "seconds": self.seconds,
+            "seconds": self.seconds, "nonfinite_rows": self.nonfinite_rows,
         }
 
 
@@ -186,6 +188,7 @@ class ModelSession:
         self.code_first = code_first
         self.skip_untrusted_code = skip_untrusted_code
         self.sidecar = read_sidecar(self.model)
+        self.sidecar.require(*RUN_NEEDS)
         self.resolved: Resolved | None = None
         self.client: WorkerClient | None = None
         self.seconds: dict[str, float] = {}
@@ -282,9 +285,9 @@ class ModelSession:
         return self
 
     def _log_path(self) -> Path:
-        logs = self.settings.home / "logs"
-        logs.mkdir(parents=True, exist_ok=True)
-        return logs / f"worker-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+        from envlock.fs import log_dir
+
+        return log_dir(self.settings) / f"worker-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
 
     def _need(self) -> WorkerClient:
         if self.client is None:
@@ -376,7 +379,8 @@ def run(model: str | os.PathLike[str], input_path: str | os.PathLike[str], *,
         output: str | os.PathLike[str] | None = None, batch_size: int = 32, validate: bool = True,
         on_progress: Progress | None = None, **session_kwargs: Any) -> RunResult:
     """Validate on this hardware, then predict ``input_path`` into ``output``."""
-    from envlock.arrayfiles import check_input_file
+    from envlock.arrayfiles import check_input_file, nonfinite_rows
+    from envlock.fs import guard_output
 
     inp = Path(input_path)
     session = ModelSession(model, **session_kwargs)
@@ -391,8 +395,11 @@ def run(model: str | os.PathLike[str], input_path: str | os.PathLike[str], *,
         if not out.parent.is_dir():
             raise BadInputError(f"{out}: the folder {out.parent} does not exist",
                                 hint="create it first, or pass another --output")
+        # Never over the model, its sidecar or the input; a folder it can write in.
+        guard_output(out, model=session.model, sidecar=session.sidecar.path, inputs=[inp])
         if batch_size < 1:
             raise BadInputError("--batch-size must be at least 1")
+        nonfinite = nonfinite_rows(inp)
         session.open()
         validation = None
         if validate:
@@ -410,7 +417,7 @@ def run(model: str | os.PathLike[str], input_path: str | os.PathLike[str], *,
             model=session.model, output=out, rows=rows, outputs=tuple(meta["outputs"]),
             strategy=session.resolved.strategy, python=session.resolved.python,
             env_path=session.resolved.env_path, built=session.resolved.built, validation=validation,
-            seconds=dict(session.seconds),
+            seconds=dict(session.seconds), nonfinite_rows=nonfinite,
         )
     finally:
         session.close()
