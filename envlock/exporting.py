@@ -156,6 +156,7 @@ FORMATS: dict[str, Exporter] = {
 
 
 def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
@@ -180,7 +181,7 @@ def export(model: str | os.PathLike[str], fmt: str, *, output: str | os.PathLike
     if out is not None:
         from envlock.fs import guard_output
 
-        guard_output(out, model=path, sidecar=sc.path)
+        guard_output(out, model=path, sidecar=sc.path, make_parent=True)
     text = exporter(ExportContext(path, sc, out))
     if out is not None:
         _write_atomic(out, text)

@@ -107,7 +107,7 @@ def _inside(path: Path, folder: Path) -> bool:
 
 
 def guard_output(output: Path, *, model: Path | None = None, sidecar: Path | None = None,
-                 inputs: Iterable[Path] = (), flag: str = "--output") -> None:
+                 inputs: Iterable[Path] = (), flag: str = "--output", make_parent: bool = False) -> None:
     """Refuse (exit 2) an output that is a folder, or any file this command reads from.
 
     Compared by identity (``samefile``: hard links and symlinks included) and by resolved path,
@@ -126,6 +126,11 @@ def guard_output(output: Path, *, model: Path | None = None, sidecar: Path | Non
         if _same(output, inp):
             raise OutputConflictError(output, f"the input {inp}")
     parent = output.parent
+    if make_parent:  # the writer creates missing folders: the nearest existing one must be writable
+        while not parent.exists() and parent != parent.parent:
+            if parent.is_symlink() or (parent.parent.exists() and not parent.parent.is_dir()):
+                break
+            parent = parent.parent
     check_writable_dir(parent if str(parent) else Path("."), f"{output}")
 
 
