@@ -378,6 +378,10 @@ def cmd_run(args: argparse.Namespace, out: Out) -> int:
                      validate=not args.no_validate, on_progress=on_progress, **_session_kwargs(args, out))
     finally:
         bar.stop()
+    if result.nonfinite_rows:
+        # Predicted all the same (Keras would), but a NaN in is usually a bug upstream.
+        out.err.print(f"[yellow]warning:[/] {result.nonfinite_rows} of {result.rows} input row(s) "
+                      "hold NaN or infinite values; their predictions are likely NaN too")
     if out.json:
         out.emit_json(result.to_json())
         return 0

@@ -391,6 +391,26 @@ def network_failure(text: str, where: str) -> NetworkError | None:
     return None
 
 
+_HASH_MISMATCH = (
+    re.compile(r"Hash mismatch for `([^`]+)`"),  # uv
+    re.compile(r"^\s+(\S+==\S+) from \S+.*:\s*\n\s+Expected sha256", re.MULTILINE),  # pip
+)
+
+
+def _hash_mismatch(exc: CommandError) -> EnvironmentBuildError | None:
+    """The installer refused a file whose sha256 is not in the lock: say which package, and why
+    that matters, instead of ending on a bare ``sha256:89cd…``."""
+    for pattern in _HASH_MISMATCH:
+        found = sorted(set(pattern.findall(exc.stderr_tail)))
+        if found:
+            return EnvironmentBuildError(
+                f"{', '.join(found)}: the file served for it does not have any sha256 the lock "
+                "records (the index or --find-links folder holds other bytes than at save)",
+                hint="if you trust the new file, save the model again; otherwise find the original "
+                     "wheel and pass --find-links DIR")
+    return None
+
+
 def _ask_index(settings: Settings, name: str, version: str) -> NetworkError | None:
     """A NetworkError when the index cannot be asked about ``name==version``; None when it answers."""
     from envlock.index import IndexClient
@@ -669,7 +689,8 @@ class EnvCache:
                 else:
                     installer = self._build_pip(spec, interp, tmp, final, progress)
             except CommandError as exc:
-                unavailable = _unavailable(exc, spec, self.settings, self._offline(spec))
+                unavailable = _hash_mismatch(exc) or _unavailable(exc, spec, self.settings,
+                                                                  self._offline(spec))
                 if unavailable is None:
                     raise
                 raise unavailable from exc
