@@ -68,6 +68,21 @@ def _model(text: str) -> str:
     return str(_path(text))
 
 
+def _interpreter(text: str) -> str:
+    """--python: an executable file, by path or by name on PATH."""
+    import shutil
+
+    path = _path(text)
+    found = str(path) if os.sep in text or path.exists() else shutil.which(text)
+    if found is None or not Path(found).exists():
+        raise argparse.ArgumentTypeError(f"{text}: no such interpreter")
+    if Path(found).is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: a folder, not an interpreter")
+    if not os.access(found, os.X_OK):
+        raise argparse.ArgumentTypeError(f"{text}: not executable")
+    return found
+
+
 def _number(text: str) -> float:
     try:
         value = float(text)
@@ -160,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("diff", help="the lock against this (or --python's) environment")
     p.add_argument("model", type=_model)
-    p.add_argument("--python", type=_model,
+    p.add_argument("--python", type=_interpreter,
                    help="the interpreter whose environment to compare (default: this one)")
     _common(p)
     p.set_defaults(func=cmd_diff)

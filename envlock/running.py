@@ -388,15 +388,15 @@ def run(model: str | os.PathLike[str], input_path: str | os.PathLike[str], *,
         n_outputs = len(session.sidecar.manifest["model"].get("outputs") or [1])
         rows = check_input_file(inp, session.specs)  # exit 2 before any environment is built
         out = Path(output) if output is not None else default_output(inp, n_outputs)
+        if not out.parent.is_dir():
+            raise BadInputError(f"{out}: the folder {out.parent} does not exist",
+                                hint="create it first, or pass another --output")
+        # Never over the model, its sidecar or the input; not a folder; a folder it can write in.
+        guard_output(out, model=session.model, sidecar=session.sidecar.path, inputs=[inp])
         if out.suffix not in (".npy", ".npz"):
             raise InputArrayError(f"{out}: the output must be a .npy or .npz file")
         if n_outputs > 1 and out.suffix != ".npz":
             raise InputArrayError(f"the model has {n_outputs} outputs: write them to an .npz file")
-        if not out.parent.is_dir():
-            raise BadInputError(f"{out}: the folder {out.parent} does not exist",
-                                hint="create it first, or pass another --output")
-        # Never over the model, its sidecar or the input; a folder it can write in.
-        guard_output(out, model=session.model, sidecar=session.sidecar.path, inputs=[inp])
         if batch_size < 1:
             raise BadInputError("--batch-size must be at least 1")
         nonfinite = nonfinite_rows(inp)

@@ -144,16 +144,25 @@ def find_sidecar(model_or_sidecar: str | os.PathLike[str]) -> Path:
 def read_sidecar(model_or_sidecar: str | os.PathLike[str], *, verify: bool = True) -> Sidecar:
     """Read and verify a sidecar. Any problem raises SidecarError naming the file (exit 2)."""
     root = find_sidecar(model_or_sidecar)
+    if root.exists() and not root.is_dir():
+        raise SidecarError(root, "not a sidecar folder (a file has its name)")
     if not root.is_dir():
         raise SidecarError(root, "no sidecar here", hint="run `envlock save MODEL` first")
+    if not os.access(root, os.R_OK | os.X_OK):
+        raise SidecarError(root, "cannot be read (permission denied)")
     mpath = root / MANIFEST
     if not mpath.is_file():
         raise SidecarError(root, "missing", file=MANIFEST)
-    raw = mpath.read_bytes()
+    try:
+        raw = mpath.read_bytes()
+    except OSError as exc:
+        raise SidecarError(root, f"cannot be read ({exc.strerror or exc})", file=MANIFEST) from None
     try:
         manifest = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise SidecarError(root, f"corrupt or modified (not valid JSON: {exc})", file=MANIFEST) from exc
+    except RecursionError:
+        raise SidecarError(root, "corrupt or modified (JSON nested too deeply)", file=MANIFEST) from None
     if not isinstance(manifest, dict):
         raise SidecarError(root, "corrupt or modified (not a JSON object)", file=MANIFEST)
     version = manifest.get("schema_version")
