@@ -796,6 +796,7 @@ def test_json_of_every_command_validates(source: Source, tmp_path: Path, envlock
     x = np.load(w / "x.npy")
     x[2, 1] = np.nan
     np.save(w / "nan.npy", x)
+    shutil.copy2(source.model.parent / "tinylayers.py", w)  # save imports the custom layer's module
     home = envlock_home  # the session's: saved_tiny's code is trusted there
     runs = {
         "show": ["show", MODEL],
@@ -809,7 +810,7 @@ def test_json_of_every_command_validates(source: Source, tmp_path: Path, envlock
     }
     for name, args in runs.items():
         code, doc = _json_cli(args, w, home)
-        assert code == 0, doc
+        assert code == 0, (name, doc)
         jsonschema.validate(doc, load_schema(name))
         assert validate(doc, load_schema(name)) == []  # envlock's own validator agrees
         if name == "run":
