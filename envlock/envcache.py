@@ -54,7 +54,14 @@ from packaging.version import InvalidVersion, Version
 
 import envlock
 from envlock import proc
-from envlock.errors import BadInputError, CommandError, EnvironmentBuildError, NetworkError, ToolNotFoundError
+from envlock.errors import (
+    BadInputError,
+    CommandError,
+    EnvironmentBuildError,
+    HashMismatchError,
+    NetworkError,
+    ToolNotFoundError,
+)
 from envlock.interpreters import Interpreter, find_python
 from envlock.settings import Settings
 from envlock.tools import pip as pip_tool
@@ -397,17 +404,13 @@ _HASH_MISMATCH = (
 )
 
 
-def _hash_mismatch(exc: CommandError) -> EnvironmentBuildError | None:
+def _hash_mismatch(exc: CommandError) -> HashMismatchError | None:
     """The installer refused a file whose sha256 is not in the lock: say which package, and why
     that matters, instead of ending on a bare ``sha256:89cd…``."""
     for pattern in _HASH_MISMATCH:
         found = sorted(set(pattern.findall(exc.stderr_tail)))
         if found:
-            return EnvironmentBuildError(
-                f"{', '.join(found)}: the file served for it does not have any sha256 the lock "
-                "records (the index or --find-links folder holds other bytes than at save)",
-                hint="if you trust the new file, save the model again; otherwise find the original "
-                     "wheel and pass --find-links DIR")
+            return HashMismatchError(found, exc)
     return None
 
 

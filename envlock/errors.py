@@ -199,3 +199,16 @@ class CommandError(EnvironmentBuildError):
         self.argv = list(argv)
         self.returncode = returncode
         self.stderr_tail = stderr_tail
+
+
+class HashMismatchError(CommandError):
+    """An installer refused a file whose sha256 the lock does not record: names the packages."""
+
+    def __init__(self, packages: Sequence[str], failed: CommandError) -> None:
+        super().__init__(failed.argv, failed.returncode, failed.stderr_tail)
+        self.packages = list(packages)
+        self.message = (f"{', '.join(self.packages)}: the file served for it does not have any sha256 "
+                        "the lock records (the index or --find-links folder holds other bytes than at save)")
+        self.args = (self.message,)
+        self.hint = ("if you trust the new file, save the model again; otherwise find the original "
+                     "wheel and pass --find-links DIR")

@@ -36,7 +36,7 @@ import time
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
@@ -117,7 +117,7 @@ class LookupResult:
     # Why it failed, for a caller that must tell the user what to do: "absent" (the index
     # answered without that version), "offline", or a network kind of NetworkError
     # ("refused", "timeout", "http", "dns", "tls", "network").
-    error_kind: str | None = None
+    error_kind: str | None = field(default=None, compare=False)
 
     @property
     def ok(self) -> bool:

@@ -159,6 +159,9 @@ def _check_members(p: Path, zf: zipfile.ZipFile) -> None:
     for info in infos:
         if info.flag_bits & 0x1:
             raise ModelFileError(p, f"member {info.filename} is encrypted; a Keras archive never is")
+        if info.filename.endswith(".json") and info.file_size > MAX_JSON_MEMBER:
+            raise ModelFileError(p, f"{info.filename} inflates to {info.file_size} bytes (more than "
+                                 f"{MAX_JSON_MEMBER >> 20} MiB): refused as a possible zip bomb")
     declared = sum(i.file_size for i in infos)
     packed = sum(i.compress_size for i in infos) or 1
     if declared > MIN_BOMB and declared > MAX_INFLATION * packed:

@@ -754,6 +754,34 @@ def test_an_unreachable_index_is_not_a_deleted_version(installer: str, problem: 
 
 
 @pytest.mark.slow
+def test_an_index_that_never_answers_is_a_timeout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server that accepts connections and never answers (uv only: pip's own timeout and
+    retries would take minutes; its refusals and HTTP errors are covered above)."""
+    import platform
+    import socket
+
+    from envlock.envcache import EnvCache, EnvSpec
+    from envlock.errors import NetworkError
+    from envlock.settings import Settings
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(100)  # the kernel completes the handshakes; nobody ever reads or writes
+    url = f"http://127.0.0.1:{silent.getsockname()[1]}/simple"
+    lock = tmp_path / "lock.txt"
+    lock.write_text(SIX)
+    monkeypatch.setenv("UV_HTTP_TIMEOUT", "2")
+    settings = Settings.from_env({"ENVLOCK_HOME": str(tmp_path / "home"), "UV_INDEX_URL": url,
+                                  "UV_CACHE_DIR": str(tmp_path / "uv-cache"), "ENVLOCK_HTTP_TIMEOUT": "2"})
+    try:
+        with pytest.raises(NetworkError) as err:
+            EnvCache(settings, installer="uv").ensure(EnvSpec.from_lock(lock, platform.python_version()))
+    finally:
+        silent.close()
+    assert err.value.kind == "timeout" and "timed out" in str(err.value)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("installer", ["uv", "pip"])
 def test_a_hash_mismatch_names_the_package(installer: str, tmp_path: Path) -> None:
     import platform
