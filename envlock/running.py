@@ -375,6 +375,30 @@ def default_output(input_path: Path, n_outputs: int) -> Path:
     return input_path.with_name(f"{stem}.predictions{'.npz' if n_outputs > 1 else '.npy'}")
 
 
+def _in_background(fn: Callable[[], int]) -> Callable[[], int]:
+    """Run ``fn`` on a daemon thread (it never delays an exit); the result, or its error, on call."""
+    import threading
+
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as exc:  # handed to the caller
+            box["error"] = exc
+
+    thread = threading.Thread(target=target, name="envlock-nonfinite", daemon=True)
+    thread.start()
+
+    def result() -> int:
+        thread.join()
+        if "error" in box:
+            raise box["error"]
+        return int(box["value"])
+
+    return result
+
+
 def run(model: str | os.PathLike[str], input_path: str | os.PathLike[str], *,
         output: str | os.PathLike[str] | None = None, batch_size: int = 32, validate: bool = True,
         on_progress: Progress | None = None, **session_kwargs: Any) -> RunResult:
@@ -399,7 +423,8 @@ def run(model: str | os.PathLike[str], input_path: str | os.PathLike[str], *,
             raise InputArrayError(f"the model has {n_outputs} outputs: write them to an .npz file")
         if batch_size < 1:
             raise BadInputError("--batch-size must be at least 1")
-        nonfinite = nonfinite_rows(inp)
+        # Counted on a thread while the worker starts (reading a 2 GB input takes ~3 s).
+        nonfinite = _in_background(lambda: nonfinite_rows(inp))
         session.open()
         validation = None
         if validate:
@@ -417,7 +442,7 @@ def run(model: str | os.PathLike[str], input_path: str | os.PathLike[str], *,
             model=session.model, output=out, rows=rows, outputs=tuple(meta["outputs"]),
             strategy=session.resolved.strategy, python=session.resolved.python,
             env_path=session.resolved.env_path, built=session.resolved.built, validation=validation,
-            seconds=dict(session.seconds), nonfinite_rows=nonfinite,
+            seconds=dict(session.seconds), nonfinite_rows=nonfinite(),
         )
     finally:
         session.close()

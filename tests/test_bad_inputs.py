@@ -921,3 +921,34 @@ def test_a_signal_during_run_leaves_nothing_behind(sig: int, code: int, source: 
             break
         time.sleep(0.1)
     assert _worker_pids(str(private_tmp)) == [], "the worker outlived envlock"
+
+
+@pytest.mark.slow
+def test_sigterm_during_save_keeps_the_old_sidecar(source: Source, tmp_path: Path,
+                                                   envlock_home: Path) -> None:
+    w = tmp_path / "w"
+    _populate(w, source)
+    shutil.copy2(source.model.parent / "tinylayers.py", w)
+    private_tmp = tmp_path / "tmp"
+    private_tmp.mkdir()
+    env = _env(envlock_home, {}, w)
+    env["TMPDIR"] = str(private_tmp)
+    before = snapshot(w)
+    proc = subprocess.Popen([sys.executable, "-m", "envlock", "save", MODEL], cwd=w, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 600
+    while not _worker_pids(str(private_tmp)) or not any(private_tmp.iterdir()):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "save never started its worker"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert_one_error(err, 143)
+    assert snapshot(w) == before  # the old sidecar as it was, no .tmp- folder beside it
+    assert list(private_tmp.iterdir()) == []  # no envlock-save-* left
+    for _ in range(50):
+        if not _worker_pids(str(private_tmp)):
+            break
+        time.sleep(0.1)
+    assert _worker_pids(str(private_tmp)) == [], "the worker outlived envlock"
