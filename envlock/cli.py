@@ -10,28 +10,116 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
+import signal
 import sys
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
 import envlock
-from envlock.errors import EXIT_BAD_INPUT, EXIT_MISMATCH, EXIT_WORKER, EnvlockError
+from envlock.errors import (
+    EXIT_BAD_INPUT,
+    EXIT_ENVIRONMENT,
+    EXIT_INTERNAL,
+    EXIT_INTERRUPTED,
+    EXIT_MISMATCH,
+    EXIT_TERMINATED,
+    EXIT_WORKER,
+    BadInputError,
+    EnvlockError,
+    Terminated,
+)
 
-EXIT_INTERRUPTED = 130
+ERROR_SCHEMA = "envlock.error/1"
+# Longer messages (a resolver's explanation, a list of 200 packages) are cut; --debug shows all.
+MAX_MESSAGE = 400
+
+
+class UsageError(BadInputError):
+    """What argparse refuses: reported like every other error (one line, --json document)."""
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
-        # argparse's usage dump is long; one line and the documented exit code.
-        sys.stderr.write(f"envlock: error: {message}\n(see `envlock {self.prog.split()[-1]} --help`)\n"
-                         if " " in self.prog else f"envlock: error: {message}\n")
-        raise SystemExit(EXIT_BAD_INPUT)
+        # argparse's usage dump is long: one line, the documented exit code, a pointer to --help.
+        hint = f"see `{self.prog} --help`" if " " in self.prog else None
+        raise UsageError(message, hint=hint)
+
+
+# -- argument types: refused at parse time, exit 2 ---------------------------------------
+
+def _path(text: str) -> Path:
+    if not text:
+        raise argparse.ArgumentTypeError("an empty path")
+    if "\0" in text:
+        raise argparse.ArgumentTypeError("a path cannot hold a NUL byte")
+    return Path(text)
+
+
+def _model(text: str) -> str:
+    return str(_path(text))
+
+
+def _interpreter(text: str) -> str:
+    """--python: an executable file, by path or by name on PATH."""
+    import shutil
+
+    path = _path(text)
+    found = str(path) if os.sep in text or path.exists() else shutil.which(text)
+    if found is None or not Path(found).exists():
+        raise argparse.ArgumentTypeError(f"{text}: no such interpreter")
+    if Path(found).is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: a folder, not an interpreter")
+    if not os.access(found, os.X_OK):
+        raise argparse.ArgumentTypeError(f"{text}: not executable")
+    return found
+
+
+def _number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, not {text!r}")
+    return value
+
+
+def _ranged(kind: Callable[[str], float], low: float, high: float | None = None, *,
+            low_open: bool = False, what: str = "") -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        value = kind(text)
+        if value < low or (low_open and value == low) or (high is not None and value > high):
+            bound = (f"greater than {low:g}" if low_open else f"at least {low:g}") + (
+                f" and at most {high:.15g}" if high is not None else "")
+            raise argparse.ArgumentTypeError(f"{what or 'the value'} must be {bound}, not {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+def _integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+
+
+_TOLERANCE = _ranged(_number, 0.0, what="a tolerance")
+_SECONDS = _ranged(_number, 0.0, low_open=True, what="a timeout")
+_BATCH = _ranged(_integer, 1, 2**31 - 1, what="a batch size")
+_SEED = _ranged(_integer, 0, 2**32 - 1, what="a seed")
+_DAYS = _ranged(_number, 0.0, 36500.0, what="an age in days")
+_GIGABYTES = _ranged(_number, 0.0, 1e9, what="a size in GB")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -46,31 +134,32 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("save", help="capture the environment and reference predictions of a saved model")
-    p.add_argument("model", help="a .keras file, a legacy .h5 file or a SavedModel directory")
-    p.add_argument("--probe", type=Path, help="real inputs (.npy, or .npz with one array per input)")
+    p.add_argument("model", type=_model, help="a .keras file, a legacy .h5 file or a SavedModel directory")
+    p.add_argument("--probe", type=_path, help="real inputs (.npy, or .npz with one array per input)")
     p.add_argument("--custom-objects", action="append", default=[], metavar="MODULE",
                    help="import MODULE before loading (repeatable)")
     p.add_argument("--allow-mismatch", action="store_true",
                    help="save even if the weights loaded back differ (weights_not_restored)")
-    p.add_argument("--atol", type=float, default=1e-6)
-    p.add_argument("--rtol", type=float, default=1e-5)
-    p.add_argument("--seed", type=int, default=0, help="seed of generated probe inputs")
+    p.add_argument("--atol", type=_TOLERANCE, default=1e-6)
+    p.add_argument("--rtol", type=_TOLERANCE, default=1e-5)
+    p.add_argument("--seed", type=_SEED, default=0, help="seed of generated probe inputs")
     p.add_argument("--vendor", action="store_true",
                    help="copy every locked wheel into MODEL.envlock/wheels: a rebuild needs no index")
     _common(p)
     p.set_defaults(func=cmd_save)
 
     p = sub.add_parser("show", help="the manifest, readable")
-    p.add_argument("model")
+    p.add_argument("model", type=_model)
     _common(p)
     p.set_defaults(func=cmd_show)
 
     p = sub.add_parser("run", help="validate on this machine, then predict inside the locked environment")
-    p.add_argument("model")
-    p.add_argument("--input", "-i", type=Path, required=True, help=".npy (one input) or .npz (by input name)")
-    p.add_argument("--output", "-o", type=Path,
+    p.add_argument("model", type=_model)
+    p.add_argument("--input", "-i", type=_path, required=True,
+                   help=".npy (one input) or .npz (by input name)")
+    p.add_argument("--output", "-o", type=_path,
                    help="default: INPUT.predictions.npy (.npz for several outputs)")
-    p.add_argument("--batch-size", type=int, default=32, help="Keras' default, for the same bits")
+    p.add_argument("--batch-size", type=_BATCH, default=32, help="Keras' default, for the same bits")
     _session_args(p)
     p.add_argument("--no-validate", action="store_true", help="predict even if the probe does not match")
     # Sharded input (a folder, a glob or Parquet): --output is a folder, one output per shard.
@@ -82,34 +171,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("check", help="replay the probe on this machine and explain every difference")
-    p.add_argument("model")
-    p.add_argument("--atol", type=float, help="absolute tolerance (default: as recorded at save)")
-    p.add_argument("--rtol", type=float, help="relative tolerance (default: as recorded at save)")
+    p.add_argument("model", type=_model)
+    p.add_argument("--atol", type=_TOLERANCE, help="absolute tolerance (default: as recorded at save)")
+    p.add_argument("--rtol", type=_TOLERANCE, help="relative tolerance (default: as recorded at save)")
     _session_args(p)
     _common(p)
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("diff", help="the lock against this (or --python's) environment")
-    p.add_argument("model")
-    p.add_argument("--python", help="the interpreter whose environment to compare (default: this one)")
+    p.add_argument("model", type=_model)
+    p.add_argument("--python", type=_interpreter,
+                   help="the interpreter whose environment to compare (default: this one)")
     _common(p)
     p.set_defaults(func=cmd_diff)
 
     p = sub.add_parser("env", help="build (or find) the locked environment and print its path")
-    p.add_argument("model")
+    p.add_argument("model", type=_model)
     p.add_argument("--strategy", choices=["auto", "current", "venv", "conda"],
                    help="default: conda when the sidecar holds a conda-lock.yml, else venv")
     p.add_argument("--allow-python-download", action="store_true")
-    p.add_argument("--find-links", action="append", default=[], metavar="DIR")
+    p.add_argument("--find-links", action="append", default=[], metavar="DIR", type=_model)
     _custom_objects_arg(p)
     _common(p)
     p.set_defaults(func=cmd_env)
 
     p = sub.add_parser("export", help="render the lock for another tool (a Dockerfile, a requirements file)")
-    p.add_argument("model")
+    p.add_argument("model", type=_model)
     p.add_argument("--format", "-f", required=True, metavar="FORMAT",
                    help="dockerfile, requirements, ... (see envlock.exporting.FORMATS)")
-    p.add_argument("--output", "-o", type=Path, help="write here (default: stdout)")
+    p.add_argument("--output", "-o", type=_path, help="write here (default: stdout)")
     _common(p)
     p.set_defaults(func=cmd_export)
 
@@ -119,8 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(q)
     q.set_defaults(func=cmd_cache_list)
     q = csub.add_parser("gc", help="remove environments by age of last use and by total size")
-    q.add_argument("--older-than", type=float, metavar="DAYS", help="remove those unused for DAYS")
-    q.add_argument("--max-size", type=float, metavar="GB", help="then remove the oldest until under GB")
+    q.add_argument("--older-than", type=_DAYS, metavar="DAYS", help="remove those unused for DAYS")
+    q.add_argument("--max-size", type=_GIGABYTES, metavar="GB", help="then remove the oldest until under GB")
     _common(q)
     q.set_defaults(func=cmd_cache_gc)
     return parser
@@ -133,10 +223,10 @@ def _session_args(p: argparse.ArgumentParser) -> None:
                    help="use this shell's TF_* / PYTHONHASHSEED values instead of the recorded ones")
     p.add_argument("--trust-code", action="store_true", help="trust the sidecar's code/ (remembered)")
     p.add_argument("--unsafe", action="store_true", help="load with Keras safe_mode off (lambdas)")
-    p.add_argument("--timeout", type=float, help="seconds the worker may take for one step")
+    p.add_argument("--timeout", type=_SECONDS, help="seconds the worker may take for one step")
     p.add_argument("--allow-python-download", action="store_true",
                    help="let uv download the recorded Python if none is installed")
-    p.add_argument("--find-links", action="append", default=[], metavar="DIR",
+    p.add_argument("--find-links", action="append", default=[], metavar="DIR", type=_model,
                    help="extra folder of wheels (e.g. for packages gone from the index)")
     _custom_objects_arg(p)
 
@@ -338,6 +428,10 @@ def cmd_run(args: argparse.Namespace, out: Out) -> int:
                      validate=not args.no_validate, on_progress=on_progress, **_session_kwargs(args, out))
     finally:
         bar.stop()
+    if result.nonfinite_rows:
+        # Predicted all the same (Keras would), but a NaN in is usually a bug upstream.
+        out.err.print(f"[yellow]warning:[/] {result.nonfinite_rows} of {result.rows} input row(s) "
+                      "hold NaN or infinite values; their predictions are likely NaN too")
     if out.json:
         out.emit_json(result.to_json())
         return 0
@@ -564,38 +658,138 @@ def cmd_cache_gc(args: argparse.Namespace, out: Out) -> int:
     return 0
 
 
-def _report_error(err: EnvlockError, debug: bool) -> None:
+def _one_line(text: str) -> str:
+    """A message as one readable line: newlines folded, a very long one cut."""
+    line = " ".join(text.split())
+    if len(line) > MAX_MESSAGE:
+        rest = len(line) - MAX_MESSAGE
+        line = line[:MAX_MESSAGE - 1].rstrip() + f"… ({rest} more characters; --debug shows all)"
+    return line
+
+
+def _error_document(code: int, message: str, hint: str | None, cause: str | None,
+                    kind: str) -> dict[str, Any]:
+    return {"schema": ERROR_SCHEMA, "exit_code": code, "error": kind, "message": message,
+            "hint": hint, "cause": cause}
+
+
+def _report(code: int, message: str, *, hint: str | None = None, cause: str | None = None,
+            kind: str = "EnvlockError", as_json: bool = False, debug: bool = False,
+            full: str | None = None) -> int:
+    """The one way a failure reaches the user: one `envlock: error:` line (+ one hint line)."""
     if debug:
-        traceback.print_exc()
-    sys.stderr.write(f"envlock: error: {err.message}\n")
-    if err.hint:
-        sys.stderr.write(f"  hint: {err.hint}\n")
-    log_tail = getattr(err, "log_tail", "")
-    if log_tail and debug:
-        sys.stderr.write(log_tail.rstrip() + "\n")
+        if sys.exc_info()[0] is not None:
+            traceback.print_exc()
+        if full and full != message:
+            sys.stderr.write(full.rstrip() + "\n")
+    line = _one_line(message)
+    sys.stderr.write(f"envlock: error: {line}\n")
+    if hint:
+        sys.stderr.write(f"  hint: {_one_line(hint)}\n")
+    if as_json:
+        doc = _error_document(code, line, _one_line(hint) if hint else None, cause, kind)
+        try:
+            sys.stdout.write(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+            sys.stdout.flush()
+        except OSError:
+            pass
+    return code
+
+
+def _report_error(err: EnvlockError, debug: bool, *, as_json: bool = False) -> int:
+    log_tail = getattr(err, "log_tail", "") if debug else ""
+    return _report(err.exit_code, str(err), hint=err.hint, cause=err.cause, kind=type(err).__name__,
+                   as_json=as_json, debug=debug, full=(str(err) + "\n" + log_tail) if log_tail else str(err))
+
+
+def _os_error_code(exc: OSError) -> int:
+    """2 for the user's files; 3 for envlock's own cache (ENVLOCK_HOME), where the fix differs."""
+    from envlock.settings import Settings
+
+    try:
+        home = os.path.realpath(Settings.from_env().home)
+    except EnvlockError:
+        return EXIT_BAD_INPUT
+    for name in (exc.filename, exc.filename2):
+        if name is not None and os.path.realpath(os.fsdecode(name)).startswith(home.rstrip(os.sep) + os.sep):
+            return EXIT_ENVIRONMENT
+    return EXIT_BAD_INPUT
+
+
+@contextmanager
+def _signals_as_exceptions() -> Iterator[None]:
+    """SIGTERM becomes Terminated (a KeyboardInterrupt), so the cleanup that Ctrl-C runs
+    (worker stopped, temporary files removed, no partial output) runs for it too. After the
+    first signal the next ones are ignored: the cleanup itself must not be cut short."""
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
+        raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+    try:
+        old = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    except ValueError:  # not the main thread (main() called from a thread): leave them alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
-                        format="%(name)s: %(message)s")
-    out = Out(args)
-    func: Callable[[argparse.Namespace, Out], int] = args.func
-    try:
-        return func(args, out)
-    except EnvlockError as err:
+    raw = list(sys.argv[1:] if argv is None else argv)
+    # Known before parsing succeeds, so that a usage error is a JSON document too.
+    as_json = "--json" in raw[: raw.index("--")] if "--" in raw else "--json" in raw
+    debug = "--debug" in raw
+    out: Out | None = None
+    with _signals_as_exceptions():
+        try:
+            parser = build_parser()
+            args = parser.parse_args(raw)
+            logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
+                                format="%(name)s: %(message)s")
+            out = Out(args)
+            func: Callable[[argparse.Namespace, Out], int] = args.func
+            return func(args, out)
+        except EnvlockError as err:
+            _stop(out)
+            return _report_error(err, debug, as_json=as_json)
+        except Terminated:
+            _stop(out)
+            return _report(EXIT_TERMINATED, "terminated (SIGTERM); nothing was left half-written",
+                           kind="Terminated", as_json=as_json)
+        except KeyboardInterrupt:
+            _stop(out)
+            return _report(EXIT_INTERRUPTED, "interrupted; nothing was left half-written",
+                           kind="KeyboardInterrupt", as_json=as_json)
+        except BrokenPipeError:
+            # `envlock show x | head`: stdout closed early is not an error of ours.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 0
+        except (RecursionError, MemoryError) as exc:
+            _stop(out)
+            return _report(EXIT_BAD_INPUT,
+                           f"input too deeply nested or too large to read ({type(exc).__name__})",
+                           kind=type(exc).__name__, as_json=as_json, debug=debug)
+        except OSError as exc:
+            from envlock.fs import describe_os_error
+
+            _stop(out)
+            return _report(_os_error_code(exc), describe_os_error(exc), kind=type(exc).__name__,
+                           as_json=as_json, debug=debug)
+        except Exception as exc:
+            _stop(out)
+            return _report(EXIT_INTERNAL, f"internal error ({type(exc).__name__}: {exc})",
+                           hint="this is a bug in envlock: rerun with --debug and report the traceback",
+                           kind="InternalError", as_json=as_json, debug=debug)
+
+
+def _stop(out: Out | None) -> None:
+    if out is not None:
         out.done()
-        _report_error(err, args.debug)
-        return err.exit_code
-    except KeyboardInterrupt:
-        out.done()
-        sys.stderr.write("envlock: interrupted\n")
-        return EXIT_INTERRUPTED
-    except BrokenPipeError:
-        # `envlock show x | head`: stdout closed early is not an error of ours.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
 
 
 if __name__ == "__main__":

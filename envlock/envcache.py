@@ -54,7 +54,14 @@ from packaging.version import InvalidVersion, Version
 
 import envlock
 from envlock import proc
-from envlock.errors import CommandError, EnvironmentBuildError, ToolNotFoundError
+from envlock.errors import (
+    BadInputError,
+    CommandError,
+    EnvironmentBuildError,
+    HashMismatchError,
+    NetworkError,
+    ToolNotFoundError,
+)
 from envlock.interpreters import Interpreter, find_python
 from envlock.settings import Settings
 from envlock.tools import pip as pip_tool
@@ -360,10 +367,76 @@ _UNAVAILABLE = (
 )
 
 
+# What uv (reqwest/hyper) and pip (urllib3/requests) say when the index cannot be asked at all.
+# Checked before _UNAVAILABLE: pip ends a refused connection with "No matching distribution
+# found", which is not a deleted version. First match wins, most specific first.
+_NETWORK = (
+    ("refused", re.compile(r"Connection refused|ConnectionRefusedError|os error 111|Errno 111")),
+    ("dns", re.compile(r"dns error|Name or service not known|Temporary failure in name resolution|"
+                       r"failed to lookup address|nodename nor servname|getaddrinfo failed")),
+    ("tls", re.compile(r"SSL: CERTIFICATE_VERIFY_FAILED|certificate verify failed|invalid peer certificate|"
+                       r"SSLError|tls handshake", re.IGNORECASE)),
+    ("timeout", re.compile(r"timed out|operation timed out|Read timed out|ConnectTimeoutError|"
+                           r"ReadTimeoutError|timeout", re.IGNORECASE)),
+    ("http", re.compile(r"HTTP status (?:server|client) error \((\d{3}[^)]*)\)|HTTP error (\d{3})|"
+                        r"(\d{3}) (?:Client|Server) Error|status code (\d{3})")),
+)
+
+
+def network_failure(text: str, where: str) -> NetworkError | None:
+    """The installer could not reach the index: which of four ways, or None."""
+    for kind, pattern in _NETWORK:
+        m = pattern.search(text)
+        if m is None:
+            continue
+        if kind == "http":
+            code = next((g for g in m.groups() if g), "")
+            if code.startswith("404") or code.startswith("410"):
+                return None  # "not found": the missing-version path explains it
+            return NetworkError(kind, where, f"HTTP {code}")
+        return NetworkError(kind, where)
+    return None
+
+
+_HASH_MISMATCH = (
+    re.compile(r"Hash mismatch for `([^`]+)`"),  # uv
+    re.compile(r"^\s+(\S+==\S+) from \S+.*:\s*\n\s+Expected sha256", re.MULTILINE),  # pip
+)
+
+
+def _hash_mismatch(exc: CommandError) -> HashMismatchError | None:
+    """The installer refused a file whose sha256 is not in the lock: say which package, and why
+    that matters, instead of ending on a bare ``sha256:89cd…``."""
+    for pattern in _HASH_MISMATCH:
+        found = sorted(set(pattern.findall(exc.stderr_tail)))
+        if found:
+            return HashMismatchError(found, exc)
+    return None
+
+
+def _ask_index(settings: Settings, name: str, version: str) -> NetworkError | None:
+    """A NetworkError when the index cannot be asked about ``name==version``; None when it answers."""
+    from envlock.index import IndexClient
+
+    if not version:
+        return None
+    result = IndexClient(settings.with_(offline=False)).lookup(name, version)
+    if result.ok or result.error_kind in (None, "absent", "offline"):
+        return None
+    status = re.search(r"HTTP \d{3}", result.error or "") if result.error_kind == "http" else None
+    return NetworkError(result.error_kind or "network", ", ".join(settings.index_urls),
+                        status.group(0) if status else "")
+
+
 def _unavailable(exc: CommandError, spec: EnvSpec, settings: Settings,
                  offline: bool) -> EnvironmentBuildError | None:
-    """A failed install explained as "this locked version is not available", or None."""
+    """A failed install explained: the index could not be reached (NetworkError), or this
+    locked version is not available; None when it is neither."""
     text = exc.stderr_tail
+    if not spec.no_index and not offline:
+        net = network_failure(text, ", ".join(settings.index_urls))
+        if net is not None:
+            return net
     names: dict[str, str] = {}
     for pattern in _UNAVAILABLE:
         for m in pattern.finditer(text):
@@ -372,6 +445,13 @@ def _unavailable(exc: CommandError, spec: EnvSpec, settings: Settings,
     if not names:
         return None
     pins = locked_pins(spec.requirements_path.read_text(encoding="utf-8"))
+    if not spec.no_index and not offline:
+        # pip reports an index it could not ask (a 503, say) as "no matching distribution", and
+        # prints the HTTP status only with -v: ask the index ourselves before saying "deleted".
+        first = min(names)
+        asked = _ask_index(settings, first, names[first] or pins.get(first, ""))
+        if asked is not None:
+            return asked
     shown = ", ".join(f"{n}=={v or pins.get(n, '?')}" for n, v in sorted(names.items()))
     if spec.no_index:
         where = "in " + (", ".join(spec.find_links) or "the given folders")
@@ -612,7 +692,8 @@ class EnvCache:
                 else:
                     installer = self._build_pip(spec, interp, tmp, final, progress)
             except CommandError as exc:
-                unavailable = _unavailable(exc, spec, self.settings, self._offline(spec))
+                unavailable = _hash_mismatch(exc) or _unavailable(exc, spec, self.settings,
+                                                                  self._offline(spec))
                 if unavailable is None:
                     raise
                 raise unavailable from exc
@@ -725,6 +806,10 @@ class EnvCache:
         recently used until the total is at most ``max_total_bytes``. An environment whose
         lock is held (being built, or touched by ``ensure`` right now) is never removed.
         """
+        if older_than is not None and older_than < timedelta(0):
+            raise BadInputError(f"cannot remove environments unused for a negative time ({older_than})")
+        if max_total_bytes is not None and max_total_bytes < 0:
+            raise BadInputError(f"the cache cannot be made smaller than 0 bytes ({max_total_bytes})")
         removed: builtins.list[Removed] = []
         if not self.root.is_dir():
             return removed

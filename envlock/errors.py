@@ -14,6 +14,11 @@ EXIT_MISMATCH = 1
 EXIT_BAD_INPUT = 2
 EXIT_ENVIRONMENT = 3
 EXIT_WORKER = 4
+# sysexits' EX_SOFTWARE: a bug of envlock's, not a problem with the user's input.
+EXIT_INTERNAL = 70
+# 128 + the signal's number, as shells report a process killed by it.
+EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143
 
 
 class EnvlockError(Exception):
@@ -38,6 +43,26 @@ class BadInputError(EnvlockError):
     """Bad usage or bad input: a missing file, a wrong shape, a corrupt archive (exit 2)."""
 
     exit_code = EXIT_BAD_INPUT
+
+
+class SettingsError(BadInputError):
+    """An environment variable envlock reads holds a value it cannot use (exit 2)."""
+
+    def __init__(self, variable: str, value: str, problem: str) -> None:
+        shown = value if len(value) <= 80 else value[:77] + "..."
+        super().__init__(f"{variable}={shown!r}: {problem}",
+                         hint=f"fix or unset {variable} (README: Environment variables)")
+        self.variable = variable
+        self.value = value
+
+
+class OutputConflictError(BadInputError):
+    """An output path that would write over one of the command's own inputs (exit 2)."""
+
+    def __init__(self, output: object, what: str) -> None:
+        super().__init__(f"{output}: is {what}; envlock never writes over its inputs",
+                         hint="pass another --output")
+        self.output = output
 
 
 class ModelFileError(BadInputError):
@@ -127,6 +152,42 @@ class WorkerError(EnvlockError):
         self.log_tail = log_tail
 
 
+class NetworkError(EnvironmentBuildError):
+    """A package index could not be reached or answered with an HTTP error (exit 3).
+
+    ``kind`` is one of ``refused``, ``timeout``, ``http``, ``dns``, ``tls``: four failures that a
+    user fixes in four different ways, none of them by looking for a deleted version.
+    """
+
+    def __init__(self, kind: str, where: str, detail: str = "", *, hint: str | None = None) -> None:
+        what = {
+            "refused": "the connection was refused",
+            "timeout": "the connection timed out",
+            "http": "the server answered with an HTTP error",
+            "dns": "the host name could not be resolved",
+            "tls": "the TLS handshake failed",
+        }.get(kind, "the network request failed")
+        msg = f"could not reach {where}: {what}" + (f" ({detail})" if detail else "")
+        super().__init__(msg, hint=hint or _NETWORK_HINTS.get(kind))
+        self.kind = kind
+        self.where = where
+
+
+_NETWORK_HINTS = {
+    "refused": "check the index URL (UV_INDEX_URL / PIP_INDEX_URL) and that the server is up; "
+               "offline, pass --find-links DIR or use a sidecar saved with --vendor",
+    "timeout": "the index is slow or unreachable: retry, raise ENVLOCK_HTTP_TIMEOUT, "
+               "or pass --find-links DIR",
+    "http": "the index is up but refused the request: check the URL and any credentials it needs",
+    "dns": "check the index URL's host name and this machine's network",
+    "tls": "check the index's certificate (SSL_CERT_FILE) and the URL's scheme",
+}
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread so that every cleanup for Ctrl-C runs for it too."""
+
+
 class CommandError(EnvironmentBuildError):
     """An external command failed. Carries the argv and the tail of its stderr.
 
@@ -139,8 +200,23 @@ class CommandError(EnvironmentBuildError):
         prog = argv[0] if argv else "?"
         last = stderr_tail.strip().splitlines()[-1] if stderr_tail.strip() else ""
         head = what or f"`{prog}` failed"
+        if len(last) > 300:  # a resolver's whole explanation on one line: keep the start
+            last = last[:297] + "..."
         msg = f"{head} (exit {returncode})" + (f": {last}" if last else "")
         super().__init__(msg)
         self.argv = list(argv)
         self.returncode = returncode
         self.stderr_tail = stderr_tail
+
+
+class HashMismatchError(CommandError):
+    """An installer refused a file whose sha256 the lock does not record: names the packages."""
+
+    def __init__(self, packages: Sequence[str], failed: CommandError) -> None:
+        super().__init__(failed.argv, failed.returncode, failed.stderr_tail)
+        self.packages = list(packages)
+        self.message = (f"{', '.join(self.packages)}: the file served for it does not have any sha256 "
+                        "the lock records (the index or --find-links folder holds other bytes than at save)")
+        self.args = (self.message,)
+        self.hint = ("if you trust the new file, save the model again; otherwise find the original "
+                     "wheel and pass --find-links DIR")

@@ -178,6 +178,10 @@ def export(model: str | os.PathLike[str], fmt: str, *, output: str | os.PathLike
     path = Path(model)
     sc = read_sidecar(path)
     out = Path(output) if output is not None else None
+    if out is not None:
+        from envlock.fs import guard_output
+
+        guard_output(out, model=path, sidecar=sc.path, make_parent=True)
     text = exporter(ExportContext(path, sc, out))
     if out is not None:
         _write_atomic(out, text)

@@ -36,7 +36,7 @@ import time
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
@@ -114,6 +114,10 @@ class LookupResult:
     index_url: str | None
     files: tuple[DistFile, ...]
     error: str | None = None
+    # Why it failed, for a caller that must tell the user what to do: "absent" (the index
+    # answered without that version), "offline", or a network kind of NetworkError
+    # ("refused", "timeout", "http", "dns", "tls", "network").
+    error_kind: str | None = field(default=None, compare=False)
 
     @property
     def ok(self) -> bool:
@@ -146,6 +150,10 @@ class _Absent(Exception):
 
 class _Failure(Exception):
     """The index could not be asked: network, TLS, auth, server error, unreadable page."""
+
+    def __init__(self, message: str, kind: str = "network") -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 @dataclass(frozen=True)
@@ -567,6 +575,21 @@ class _Cache:
 # The client
 
 
+def network_kind(exc: BaseException) -> str:
+    """One of NetworkError's kinds for an exception raised while asking an index."""
+    if isinstance(exc, _Failure):
+        return exc.kind
+    if isinstance(exc, (socket.timeout, TimeoutError)):
+        return "timeout"
+    if isinstance(exc, ssl.SSLError):
+        return "tls"
+    if isinstance(exc, ConnectionRefusedError):
+        return "refused"
+    if isinstance(exc, socket.gaierror):
+        return "dns"
+    return "network"
+
+
 def _network_reason(exc: BaseException, index: _Index, timeout: float) -> str:
     if isinstance(exc, _Failure):
         return str(exc)
@@ -699,7 +722,8 @@ class IndexClient:
                 reason = _network_reason(exc, index, self._settings.http_timeout)
                 log.debug("index: %s: %s", name, reason, exc_info=True)
                 stale = self._from_stale_pages(name, [k for k, _ in todo], reason)
-                out.update(stale)
+                kind = network_kind(exc)
+                out.update({k: r if r.ok else replace(r, error_kind=kind) for k, r in stale.items()})
                 return out
             left: list[tuple[tuple[str, str], Version]] = []
             for key, target in todo:
@@ -715,7 +739,7 @@ class IndexClient:
                     left.append((key, target))
             todo = left
         for key, _ in todo:
-            out[key] = LookupResult(name, key[1], None, (), "; ".join(reasons[key]))
+            out[key] = LookupResult(name, key[1], None, (), "; ".join(reasons[key]), "absent")
         return out
 
     def _page(self, client: _Http, index: _Index, name: str) -> _Page:
@@ -738,9 +762,9 @@ class IndexClient:
         if resp.status in (404, 410):
             raise _Absent(name)
         if resp.status in (401, 403):
-            raise _Failure(f"HTTP {resp.status} from {index.url}: credentials missing or refused")
+            raise _Failure(f"HTTP {resp.status} from {index.url}: credentials missing or refused", "http")
         if resp.status != 200:
-            raise _Failure(f"HTTP {resp.status} from {index.url} for {name}")
+            raise _Failure(f"HTTP {resp.status} from {index.url} for {name}", "http")
         content_type = resp.headers.get("content-type", "")
         final_url = redact_url(resp.url)
         raw = _parse_page(resp.body, content_type, final_url)

@@ -10,4 +10,6 @@ from envlock.sidecar import read_sidecar
 
 def show(model: str | os.PathLike[str]) -> ShowResult:
     sc = read_sidecar(model)
+    # What the rendering reads: refused with exit 2 (naming the field) rather than a KeyError.
+    sc.require("framework", "cuda", "determinism", "weights", "probe", "packages.count")
     return ShowResult(sidecar=sc.path, manifest=sc.manifest)

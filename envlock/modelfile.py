@@ -6,17 +6,24 @@ legacy HDF5 file (``.h5``/``.hdf5``), or a SavedModel directory (``saved_model.p
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import re
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 from envlock.errors import ModelFileError
 
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+# A zip member is read with a limit, never whole on trust: a 1 MB archive can inflate to GBs.
+MAX_JSON_MEMBER = 64 << 20  # config.json of the largest Keras models is a few MB
+MAX_INFLATION = 200  # uncompressed/compressed beyond this, and past MIN_BOMB, is refused
+MIN_BOMB = 1 << 30
+_CHUNK = 1 << 20
 _VERSION_RE = re.compile(rb"(\d+\.\d+\.\d+(?:[a-z0-9.+-]*)?)")
 
 
@@ -83,17 +90,38 @@ def _h5_string_attr(data: bytes, name: bytes, choices: tuple[bytes, ...]) -> str
     return None
 
 
+def _stat_problem(p: Path, exc: OSError) -> str:
+    if exc.errno == errno.ELOOP:
+        return "a symbolic link loop"
+    if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+        return f"a symbolic link to {os.readlink(p)}, which does not exist"
+    return f"cannot be read ({exc.strerror or exc})"
+
+
 def inspect_model(path: str | Path) -> ModelInfo:
     """Validate and describe a model path; a bad one raises ModelFileError (exit 2)."""
     p = Path(path)
-    if not p.exists():
-        raise ModelFileError(p, "no such file or directory")
+    if not str(path):
+        raise ModelFileError("''", "an empty path is not a model")
+    try:
+        p.stat()
+    except OSError as exc:
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR) and not p.is_symlink():
+            raise ModelFileError(p, "no such file or directory") from None
+        raise ModelFileError(p, _stat_problem(p, exc)) from None
     if p.is_dir():
+        if not os.access(p, os.R_OK | os.X_OK):
+            raise ModelFileError(p, "a folder that cannot be read (permission denied)")
         return _inspect_savedmodel(p)
+    if not p.is_file():
+        raise ModelFileError(p, "not a regular file, not a model")
     if p.stat().st_size == 0:
         raise ModelFileError(p, "empty file, not a model")
-    with open(p, "rb") as f:
-        head = f.read(8)
+    try:
+        with open(p, "rb") as f:
+            head = f.read(8)
+    except OSError as exc:
+        raise ModelFileError(p, f"cannot be read ({exc.strerror or exc})") from None
     if head.startswith(b"PK"):
         return _inspect_keras(p)
     if head == HDF5_SIGNATURE:
@@ -103,27 +131,72 @@ def inspect_model(path: str | Path) -> ModelInfo:
     )
 
 
+def _read_json_member(p: Path, zf: zipfile.ZipFile, name: str) -> dict[str, object]:
+    info = zf.getinfo(name)
+    if info.file_size > MAX_JSON_MEMBER:
+        raise ModelFileError(p, f"{name} inflates to {info.file_size} bytes (more than "
+                             f"{MAX_JSON_MEMBER >> 20} MiB): refused as a possible zip bomb")
+    with zf.open(info) as f:
+        data = f.read(MAX_JSON_MEMBER + 1)
+    if len(data) > MAX_JSON_MEMBER:
+        raise ModelFileError(p, f"{name} inflates past {MAX_JSON_MEMBER >> 20} MiB: refused as a "
+                             "possible zip bomb")
+    try:
+        doc = json.loads(data.decode("utf-8"))
+    except RecursionError:
+        raise ModelFileError(p, f"{name} is nested too deeply to be a Keras model's JSON") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ModelFileError(p, f"corrupt archive ({name} is not JSON: {exc})") from None
+    if not isinstance(doc, dict):
+        raise ModelFileError(p, f"corrupt archive ({name} holds a JSON {type(doc).__name__}, "
+                             "not an object)")
+    return doc
+
+
+def _check_members(p: Path, zf: zipfile.ZipFile) -> None:
+    """Every member's CRC, read in chunks; encrypted members and bombs refused before reading."""
+    infos = zf.infolist()
+    for info in infos:
+        if info.flag_bits & 0x1:
+            raise ModelFileError(p, f"member {info.filename} is encrypted; a Keras archive never is")
+        if info.filename.endswith(".json") and info.file_size > MAX_JSON_MEMBER:
+            raise ModelFileError(p, f"{info.filename} inflates to {info.file_size} bytes (more than "
+                                 f"{MAX_JSON_MEMBER >> 20} MiB): refused as a possible zip bomb")
+    declared = sum(i.file_size for i in infos)
+    packed = sum(i.compress_size for i in infos) or 1
+    if declared > MIN_BOMB and declared > MAX_INFLATION * packed:
+        raise ModelFileError(p, f"inflates to {declared} bytes from {packed} ({declared // packed}:1): "
+                             "refused as a possible zip bomb")
+    for info in infos:
+        with zf.open(info) as f:
+            while f.read(_CHUNK):
+                pass
+
+
 def _inspect_keras(p: Path) -> ModelInfo:
     try:
         with zipfile.ZipFile(p) as zf:
             names = set(zf.namelist())
             if "config.json" not in names:
                 raise ModelFileError(p, "a zip archive without config.json, not a Keras model")
-            bad = zf.testzip()
-            if bad is not None:
-                raise ModelFileError(p, f"corrupt archive (member {bad} fails its CRC check)")
-            meta = json.loads(zf.read("metadata.json")) if "metadata.json" in names else {}
-            json.loads(zf.read("config.json"))
+            _check_members(p, zf)
+            meta = _read_json_member(p, zf, "metadata.json") if "metadata.json" in names else {}
+            _read_json_member(p, zf, "config.json")
     except zipfile.BadZipFile as exc:
         raise ModelFileError(p, f"corrupt archive ({exc})") from exc
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ModelFileError(p, f"corrupt archive (unreadable JSON: {exc})") from exc
-    except (OSError, EOFError) as exc:
+    except NotImplementedError as exc:  # a compression method zipfile does not implement
+        raise ModelFileError(p, f"unsupported archive ({exc})") from exc
+    except RuntimeError as exc:  # zipfile: "File ... is encrypted, password required"
+        raise ModelFileError(p, f"unreadable archive ({exc})") from exc
+    except (zlib.error, EOFError, ValueError) as exc:
+        raise ModelFileError(p, f"corrupt archive ({type(exc).__name__}: {exc})") from exc
+    except OSError as exc:
         raise ModelFileError(p, f"corrupt archive ({exc})") from exc
+    keras_version, backend = meta.get("keras_version"), meta.get("backend")
     return ModelInfo(
         path=p, format="keras", sha256=file_sha256(p), size=p.stat().st_size,
-        keras_version=meta.get("keras_version"), backend=meta.get("backend"),
-        tensorflow_version=None,
+        keras_version=keras_version if isinstance(keras_version, str) else None,
+        backend=backend if isinstance(backend, str) else None, tensorflow_version=None,
     )
 
 
@@ -161,4 +234,8 @@ def _inspect_savedmodel(p: Path) -> ModelInfo:
 def sidecar_path(model: str | os.PathLike[str]) -> Path:
     """``model.keras`` → ``model.keras.envlock``; a SavedModel dir ``m/`` → ``m.envlock``."""
     p = Path(model)
-    return p.with_name(p.name.rstrip("/") + ".envlock")
+    if p.name in ("", ".", ".."):  # "." or "..": the folder's own name; "/": none at all
+        p = p.absolute().resolve()
+    if not p.name:
+        raise ModelFileError(p, "the root folder is not a model")
+    return p.with_name(p.name + ".envlock")

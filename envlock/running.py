@@ -22,6 +22,7 @@ from envlock._worker.framework import ENV_VARS
 from envlock.compare import IDENTICAL, MISMATCH, OutputComparison, compare_outputs, overall_status
 from envlock.envcache import EnvCache, EnvSpec, default_platform_tag, locked_pins, satisfies
 from envlock.errors import BadInputError, EnvironmentBuildError, InputArrayError, MismatchError
+from envlock.manifest import RUN_NEEDS
 from envlock.modelfile import inspect_model
 from envlock.settings import Settings
 from envlock.sidecar import MAIN_MODULE, Sidecar, read_sidecar  # not via saving: 60 ms of start-up
@@ -102,6 +103,7 @@ class RunResult:
     seconds: dict[str, float] = field(default_factory=dict)
     sampled_outputs: tuple[str, ...] = ()
     note: str | None = None
+    nonfinite_rows: int = 0  # input rows holding a NaN or an infinity: predicted, and reported
 
     schema = "envlock.run/1"
 
@@ -118,6 +120,7 @@ class RunResult:
             "built": self.built, "validation": self.validation.to_json() if self.validation else None,
             "seconds": self.seconds, "reproducible": self.reproducible,
             "sampled_outputs": list(self.sampled_outputs), "note": self.note,
+            "nonfinite_rows": self.nonfinite_rows,
         }
 
 
@@ -247,6 +250,7 @@ class ModelSession:
         # Modules to import before loading, beyond those the manifest records (--custom-objects).
         self.custom_objects = tuple(custom_objects)
         self.sidecar = read_sidecar(self.model)
+        self.sidecar.require(*RUN_NEEDS)
         self.resolved: Resolved | None = None
         self.client: WorkerClient | None = None
         self.seconds: dict[str, float] = {}
@@ -350,9 +354,9 @@ class ModelSession:
         return self
 
     def _log_path(self) -> Path:
-        logs = self.settings.home / "logs"
-        logs.mkdir(parents=True, exist_ok=True)
-        return logs / f"worker-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+        from envlock.fs import log_dir
+
+        return log_dir(self.settings) / f"worker-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
 
     def _need(self) -> WorkerClient:
         if self.client is None:
@@ -443,11 +447,36 @@ def default_output(input_path: Path, n_outputs: int) -> Path:
     return input_path.with_name(f"{stem}.predictions{'.npz' if n_outputs > 1 else '.npy'}")
 
 
+def _in_background(fn: Callable[[], int]) -> Callable[[], int]:
+    """Run ``fn`` on a daemon thread (it never delays an exit); the result, or its error, on call."""
+    import threading
+
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as exc:  # handed to the caller
+            box["error"] = exc
+
+    thread = threading.Thread(target=target, name="envlock-nonfinite", daemon=True)
+    thread.start()
+
+    def result() -> int:
+        thread.join()
+        if "error" in box:
+            raise box["error"]
+        return int(box["value"])
+
+    return result
+
+
 def run(model: str | os.PathLike[str], input_path: str | os.PathLike[str], *,
         output: str | os.PathLike[str] | None = None, batch_size: int = 32, validate: bool = True,
         on_progress: Progress | None = None, **session_kwargs: Any) -> RunResult:
     """Validate on this hardware, then predict ``input_path`` into ``output``."""
-    from envlock.arrayfiles import check_input_file
+    from envlock.arrayfiles import check_input_file, nonfinite_rows
+    from envlock.fs import guard_output
 
     inp = Path(input_path)
     session = ModelSession(model, **session_kwargs)
@@ -455,15 +484,19 @@ def run(model: str | os.PathLike[str], input_path: str | os.PathLike[str], *,
         n_outputs = len(session.sidecar.manifest["model"].get("outputs") or [1])
         rows = check_input_file(inp, session.specs)  # exit 2 before any environment is built
         out = Path(output) if output is not None else default_output(inp, n_outputs)
+        if not out.parent.is_dir():
+            raise BadInputError(f"{out}: the folder {out.parent} does not exist",
+                                hint="create it first, or pass another --output")
+        # Never over the model, its sidecar or the input; not a folder; a folder it can write in.
+        guard_output(out, model=session.model, sidecar=session.sidecar.path, inputs=[inp])
         if out.suffix not in (".npy", ".npz"):
             raise InputArrayError(f"{out}: the output must be a .npy or .npz file")
         if n_outputs > 1 and out.suffix != ".npz":
             raise InputArrayError(f"the model has {n_outputs} outputs: write them to an .npz file")
-        if not out.parent.is_dir():
-            raise BadInputError(f"{out}: the folder {out.parent} does not exist",
-                                hint="create it first, or pass another --output")
         if batch_size < 1:
             raise BadInputError("--batch-size must be at least 1")
+        # Counted on a thread while the worker starts (reading a 2 GB input takes ~3 s).
+        nonfinite = _in_background(lambda: nonfinite_rows(inp))
         session.open()
         validation = None
         if validate:
@@ -484,6 +517,7 @@ def run(model: str | os.PathLike[str], input_path: str | os.PathLike[str], *,
             env_path=session.resolved.env_path, built=session.resolved.built, validation=validation,
             seconds=dict(session.seconds), sampled_outputs=sampled_outputs(session.sidecar.manifest),
             note=reproducibility_note(session.sidecar.manifest, validation),
+            nonfinite_rows=nonfinite(),
         )
     finally:
         session.close()

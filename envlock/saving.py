@@ -33,6 +33,7 @@ from envlock._worker.framework import ENV_VARS
 from envlock._worker.inventory import installed
 from envlock.arrayfiles import save_npz
 from envlock.errors import InputArrayError, ModelFileError, WeightsNotRestoredError
+from envlock.fs import log_dir, preflight_save
 from envlock.gpu import cuda_env_facts, gpu_facts
 from envlock.hostfacts import platform_facts, python_facts
 from envlock.index import IndexClient
@@ -155,8 +156,7 @@ def prewarm(*, custom_objects: Sequence[str] = (), settings: Settings | None = N
     """
     settings = settings or Settings.from_env()
     sys_path = _save_sys_path()
-    logs = settings.home / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
+    logs = log_dir(settings)
     client, ticket = _start_worker(logs, sys_path, custom_objects)
     _RELOADER.release(_reload_key(sys_path, custom_objects), client, keep=True, pending=ticket)
 
@@ -219,8 +219,7 @@ def save(model: Any, path: str | os.PathLike[str], *, probe: Any = None, setting
     workdir = Path(tempfile.mkdtemp(prefix="envlock-save-"))
     sys_path = _save_sys_path()
     key = _reload_key(sys_path, custom_objects)
-    logs = settings.home / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
+    logs = log_dir(settings)
     try:
         client, ticket = _RELOADER.acquire(key, lambda: _start_worker(logs, sys_path, custom_objects))
         keep = False
@@ -275,6 +274,7 @@ def _lock(path: Path, settings: Settings, options: SaveOptions, workdir: Path, m
         raise ModelFileError(path, "no such file or directory")
     if options.probe is not None and not options.probe.is_file():
         raise InputArrayError(f"{options.probe}: no such probe file")
+    preflight_save(path, options.probe)  # found now, not after the whole save has run
     dists = installed()
     pins = sorted({(d["name"], d["version"]) for d in dists if d["kind"] == "index"
                    and d["name"] != "envlock"})
@@ -290,8 +290,7 @@ def _lock(path: Path, settings: Settings, options: SaveOptions, workdir: Path, m
         ticket: tuple[int, str] | None
         if mem is None:
             stage("starting the worker")
-            logs = settings.home / "logs"
-            logs.mkdir(parents=True, exist_ok=True)
+            logs = log_dir(settings)
             client, ticket = _start_worker(logs, sys_path, options.custom_object_modules)
         else:
             client, ticket = mem.worker, mem.prepare_ticket

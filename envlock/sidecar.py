@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from envlock.errors import SidecarError
+from envlock.manifest import Manifest, load_schema, missing_sections, validate
 from envlock.modelfile import file_sha256, sidecar_path
 
 MANIFEST = "envlock.json"
@@ -53,6 +54,33 @@ class Sidecar:
 
     def file(self, rel: str) -> Path:
         return self.path / rel
+
+    @property
+    def typed(self) -> Manifest:
+        return Manifest.from_json(self.manifest)
+
+    def require(self, *needs: str) -> None:
+        """Refuse (exit 2) a sidecar without the sections a command needs (``probe``, ...), and
+        one whose probe.npz holds anything but plain numeric arrays."""
+        missing = missing_sections(self.manifest, needs)
+        if missing:
+            raise SidecarError(self.path, f"invalid manifest: {', '.join(missing)}: missing "
+                               "(this command needs it)", file=MANIFEST,
+                               hint="save the model again with `envlock save`")
+        if "probe" in needs:
+            from envlock.arrayfiles import read_headers
+            from envlock.errors import InputArrayError
+
+            try:
+                headers = read_headers(self.file("probe.npz"))
+            except InputArrayError as exc:
+                raise SidecarError(self.path, f"unreadable probe ({exc})", file="probe.npz") from None
+            bad = sorted(k for k, (_, dtype) in headers.items() if dtype.hasobject)
+            if bad:
+                raise SidecarError(self.path, f"array(s) {', '.join(bad)} hold Python objects (pickled "
+                                   "data), which envlock never loads", file="probe.npz")
+            if not any(k.startswith("input__") for k in headers):
+                raise SidecarError(self.path, "holds no probe inputs", file="probe.npz")
 
     def get(self, *keys: str, default: Any = None) -> Any:
         node: Any = self.manifest
@@ -116,16 +144,25 @@ def find_sidecar(model_or_sidecar: str | os.PathLike[str]) -> Path:
 def read_sidecar(model_or_sidecar: str | os.PathLike[str], *, verify: bool = True) -> Sidecar:
     """Read and verify a sidecar. Any problem raises SidecarError naming the file (exit 2)."""
     root = find_sidecar(model_or_sidecar)
+    if root.exists() and not root.is_dir():
+        raise SidecarError(root, "not a sidecar folder (a file has its name)")
     if not root.is_dir():
         raise SidecarError(root, "no sidecar here", hint="run `envlock save MODEL` first")
+    if not os.access(root, os.R_OK | os.X_OK):
+        raise SidecarError(root, "cannot be read (permission denied)")
     mpath = root / MANIFEST
     if not mpath.is_file():
         raise SidecarError(root, "missing", file=MANIFEST)
-    raw = mpath.read_bytes()
+    try:
+        raw = mpath.read_bytes()
+    except OSError as exc:
+        raise SidecarError(root, f"cannot be read ({exc.strerror or exc})", file=MANIFEST) from None
     try:
         manifest = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise SidecarError(root, f"corrupt or modified (not valid JSON: {exc})", file=MANIFEST) from exc
+    except RecursionError:
+        raise SidecarError(root, "corrupt or modified (JSON nested too deeply)", file=MANIFEST) from None
     if not isinstance(manifest, dict):
         raise SidecarError(root, "corrupt or modified (not a JSON object)", file=MANIFEST)
     version = manifest.get("schema_version")
@@ -140,6 +177,18 @@ def read_sidecar(model_or_sidecar: str | os.PathLike[str], *, verify: bool = Tru
         _verify(root, manifest, raw)
     while manifest["schema_version"] < SCHEMA_VERSION:  # pragma: no cover - no old versions yet
         manifest = UPGRADES[manifest["schema_version"]](manifest)
+    problems = validate(manifest, load_schema("manifest"))
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise SidecarError(root, f"invalid manifest: {problems[0]}{more}", file=MANIFEST,
+                           hint="save the model again with `envlock save`")
+    for text in ("requirements.lock.txt",):
+        p = root / text
+        if p.is_file():
+            try:
+                p.read_bytes().decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise SidecarError(root, f"not UTF-8 text (byte {exc.start})", file=text) from None
     return Sidecar(root, manifest)
 
 
@@ -154,6 +203,8 @@ def _verify(root: Path, manifest: dict[str, Any], raw: bytes) -> None:
     if not isinstance(listed, dict):
         raise SidecarError(root, "has no file list", file=MANIFEST)
     for rel, digest in sorted(listed.items()):
+        if Path(rel).is_absolute() or ".." in Path(rel).parts or not rel:
+            raise SidecarError(root, f"lists a file outside the sidecar: {rel!r}", file=MANIFEST)
         p = root / rel
         if not p.is_file():
             raise SidecarError(root, "listed in the manifest but missing", file=rel)

@@ -11,6 +11,7 @@ import itertools
 import os
 import select
 import signal
+import sys
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -87,8 +88,11 @@ class WorkerClient:
         if p is None:
             return
         self._proc = None
+        # Ctrl-C or SIGTERM on the way out: stop it now. Waiting for a busy worker to finish its
+        # batch and notice the closed pipe took ~10 s on a loaded machine.
+        interrupted = isinstance(sys.exc_info()[1], KeyboardInterrupt)
         try:
-            if p.poll() is None and p.stdin is not None:
+            if not interrupted and p.poll() is None and p.stdin is not None:
                 p.stdin.close()  # end of stream: the worker leaves its loop
                 p.wait(timeout=10)
         except Exception:
