@@ -68,6 +68,7 @@ class Worker:
             load_model,
             read_file_config,
             static_findings,
+            untracked_arrays,
         )
         custom = {}
         for name, (module, attr) in (args.get("custom_objects") or {}).items():
@@ -81,6 +82,11 @@ class Worker:
             with contextlib.suppress(Exception):
                 import_keras().backend.clear_session()
         self.path = args["path"]
+        if args.get("caller_settings"):
+            # envlock.save: the training process's global dtype policy, floatx and op
+            # determinism, so that the reloaded model is built as the in-memory one was.
+            from .framework import apply_caller_settings
+            apply_caller_settings(args["caller_settings"])
         if args.get("import_config_modules"):
             # Keras resolves custom objects by registered name; registration happens when their
             # module is imported. At save the file is the user's own, so import what it names.
@@ -90,11 +96,15 @@ class Worker:
                                 custom_objects=custom or None)
         self.config = read_file_config(self.path)
         self.specs = input_specs(self.model)
+        from .model import honour_stored_jit
+        jit = honour_stored_jit(self.model, self.path)
         return {
+            "jit_compile": jit,
             "load_seconds": time.time() - t0,
             "inputs": self.specs,
             "custom_objects": custom_objects(self.model, self.config),
             "static_findings": static_findings(self.model),
+            "untracked_arrays": untracked_arrays(self.model),
             "file_metadata": file_metadata(self.path),
         }
 

@@ -66,6 +66,35 @@ def load_model(path: str, safe_mode: bool = True, custom_objects=None):  # type:
                             cause=cause) from None
 
 
+def stored_jit_compile(path: str):  # type: ignore[no-untyped-def]
+    """jit_compile as model.compile() stored it in a .keras file (None: not stored)."""
+    if model_format(path) != "keras":
+        return None
+    try:
+        with zipfile.ZipFile(path) as zf:
+            cfg = json.loads(zf.read("config.json"))
+    except Exception:
+        return None
+    return ((cfg or {}).get("compile_config") or {}).get("jit_compile")
+
+
+def honour_stored_jit(model, path: str):  # type: ignore[no-untyped-def]
+    """Loading with compile=False drops the jit_compile a .keras file stores; predict as the
+    saved model did. Returns {"stored", "effective", "honoured"} (effective: what predict uses)."""
+    stored = stored_jit_compile(path)
+    honoured = None
+    if isinstance(stored, bool) and hasattr(model, "jit_compile"):
+        try:
+            if model.jit_compile != stored:
+                model.jit_compile = stored
+            honoured = True
+        except Exception:
+            honoured = False
+    effective = getattr(model, "jit_compile", None)
+    return {"stored": stored, "effective": effective if isinstance(effective, bool) else None,
+            "honoured": honoured}
+
+
 _MISSING_MARKERS = ("could not locate", "unknown layer", "unknown object", "no module named",
                     "custom_objects")
 
@@ -366,6 +395,21 @@ def static_findings(model) -> list:  # type: ignore[no-untyped-def,type-arg]
                 findings.append({"code": "random_layers_active", "layer": layer.name,
                                  "evidence": "%s is random at inference" % type(layer).__name__})
     return findings
+
+
+def untracked_arrays(model) -> list:  # type: ignore[no-untyped-def,type-arg]
+    """numpy arrays held by layers as plain attributes: not variables, so not in the file.
+    Drawn at construction (np.random in __init__), they are other arrays at every load."""
+    out = []
+    for layer in _all_layers(model):
+        for attr, value in sorted(getattr(layer, "__dict__", {}).items()):
+            if attr.startswith("__") or not isinstance(value, np.ndarray) or value.size < 2 \
+                    or value.dtype.kind not in "fciub":
+                continue
+            out.append({"layer": getattr(layer, "name", type(layer).__name__), "attribute": attr,
+                        "class": type(layer).__name__, "shape": [int(d) for d in value.shape],
+                        "dtype": str(value.dtype), "sha256": array_sha256(value)})
+    return out
 
 
 # -- specs -------------------------------------------------------------------------------
