@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 import traceback
@@ -192,7 +193,18 @@ class Out:
 
     def emit_json(self, doc: dict[str, Any]) -> None:
         self.done()
-        sys.stdout.write(json.dumps(doc, indent=2, sort_keys=True, default=str) + "\n")
+        sys.stdout.write(json.dumps(_finite(doc), indent=2, sort_keys=True, default=str) + "\n")
+
+
+def _finite(value: Any) -> Any:
+    """JSON has no Infinity or NaN: a value that is not finite is written as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def cmd_save(args: argparse.Namespace, out: Out) -> int:
@@ -352,6 +364,10 @@ def cmd_check(args: argparse.Namespace, out: Out) -> int:
         out.print(_findings_table(result.findings))
     elif result.ok:
         out.print("no differences from the lock")
+    for note in result.notes:
+        out.print(f"note: {note['what']}")
+        for name, values in (note.get("variables") or note.get("packages") or {}).items():
+            out.print(f"  {name}: " + ", ".join(f"{k} {v}" for k, v in values.items()))
     return code
 
 

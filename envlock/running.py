@@ -277,8 +277,9 @@ class ModelSession:
         custom_map = {c["qualname"].split(".")[-1]: (MAIN_MODULE, c["qualname"])
                       for c in customs if c.get("defined_in_main")}
         where = "sys_path" if self.code_first else "sys_path_append"
-        self.client.request("prepare", {where: code_path, "modules": modules,
-                                        "settings": recorded_settings(self.sidecar)})
+        # --no-recorded-env: this environment as it is, its in-process settings included.
+        settings = recorded_settings(self.sidecar) if self.use_recorded_env else {}
+        self.client.request("prepare", {where: code_path, "modules": modules, "settings": settings})
         self.seconds["worker_start"] = time.perf_counter() - t
         t = time.perf_counter()
         self._stage("loading the model")
