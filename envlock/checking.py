@@ -130,7 +130,9 @@ def check(model: str | os.PathLike[str], *, atol: float | None = None, rtol: flo
             _gather_facts(session, obs, loaded=True)
             obs.custom_objects = session.loaded.get("custom_objects")
             obs.static_findings = session.loaded.get("static_findings") or []
-            obs.model_jit = (session.loaded.get("jit_compile") or {}).get("effective")
+            jit = session.loaded.get("jit_compile") or {}
+            obs.model_jit = jit.get("effective")
+            obs.jit_not_honoured = jit.get("stored") if jit.get("honoured") is False else None
             obs.untracked_arrays = session.loaded.get("untracked_arrays")
             client = session.client
             assert client is not None

@@ -83,6 +83,7 @@ class Observed:
     custom_modules: frozenset[str] = frozenset()
     untracked_arrays: list[Mapping[str, Any]] | None = None  # layers' plain numpy attributes
     model_jit: bool | None = None  # the loaded model's jit_compile as it predicted here
+    jit_not_honoured: Any = None  # the jit_compile a file stores, where it could not be applied
     # The shell's values of the recorded variables where envlock replaced them with the
     # recorded ones (None: the shell's values were passed through, --no-recorded-env).
     shell_env: Mapping[str, str | None] | None = None
@@ -402,15 +403,18 @@ def _determinism(m: Mapping[str, Any], o: Observed, c: _Collector, on_gpu: bool)
             or any(renv.get(k) != cenv.get(k) for k in xla_keys):
         fix = "use the recorded XLA settings (unset TF_XLA_FLAGS / tf.config.optimizer.set_jit(False))"
         if model_jit_differs:
-            fix = (f"predict with model.jit_compile = {bool(rjit)} as at save (the file stores "
+            fix = (f"predict with model.jit_compile = {bool(rjit)} as at save (the file as saved stored "
                    f"jit_compile={(m.get('model') or {}).get('stored_jit_compile')}; envlock run "
-                   "honours it)")
+                   "honours what the file stores)")
         c.add("xla_differs", "XLA / auto-jit settings differ"
               + (f": the model predicted with jit_compile={bool(rjit)} at save and {bool(cjit)} here"
                  if model_jit_differs else ""),
               {"jit": rec.get("jit"), "model_jit_compile": rjit, **{k: renv.get(k) for k in xla_keys}},
               {"jit": cur.get("jit"), "model_jit_compile": cjit, **{k: cenv.get(k) for k in xla_keys}},
-              fix)
+              fix, bonus=20 if model_jit_differs else 0)
+    if o.jit_not_honoured is not None:
+        c.notes.append({"what": f"the file stores jit_compile={o.jit_not_honoured}, which could not be "
+                                "applied to the loaded model here: it predicted without it"})
     rec_ops = renv.get("TF_DETERMINISTIC_OPS")
     if (rec.get("op_determinism") and not cur.get("op_determinism")) or \
             (rec_ops and rec_ops != cenv.get("TF_DETERMINISTIC_OPS")):

@@ -256,6 +256,16 @@ def test_api_save_honours_stored_jit_compile(tmp_path: Path) -> None:
     assert np.array_equal(reference_of(root / "api.keras")["logits"], np.load(root / "in_memory.npy"))
     same = check_json(root / "api.keras", "--strategy", "current")
     assert same["status"] == "identical" and same["findings"] == [], same
+    # Recompiled without XLA and saved over the file: the same weights, predicted without jit.
+    python_in(root, "import keras\nm = keras.models.load_model('api.keras')\n"
+              "m.compile(optimizer='adam', loss='mse', jit_compile=False)\nm.save('api.keras')\n")
+    doc = check_json(root / "api.keras", "--strategy", "current")
+    assert causes(doc)[:2] == ["xla_differs", "model_file_changed"]
+    xla = finding(doc, "xla_differs")
+    assert xla["evidence"]["recorded"]["model_jit_compile"] is True
+    assert xla["evidence"]["current"]["model_jit_compile"] is False
+    assert "jit_compile = True" in xla["fix"]
+    assert finding(doc, "model_file_changed")["details"]["changed"] == []
 
 
 # --- 12.9: random state that no file keeps ------------------------------------------------------
