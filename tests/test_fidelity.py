@@ -34,7 +34,7 @@ from test_check import (
     uv,
 )
 from test_gpu import make_fake_nvidia_smi
-from test_legacy import Stack, tf215  # noqa: F401  (tf215: a session fixture)
+from test_legacy import Stack, tf215, train_and_save  # noqa: F401  (tf215: a session fixture)
 
 from envlock.compare import compare_outputs
 
@@ -86,6 +86,7 @@ m.save("model.h5")
 """
 
 
+@pytest.mark.slow
 def test_changed_file_names_the_layer_left_at_initial_values(tmp_path: Path) -> None:
     """A legacy .h5 rebuilt in code with its output layer renamed and load_weights(by_name=True,
     skip_mismatch=True): that layer silently keeps its initial weights, and the file is saved
@@ -208,6 +209,7 @@ def manifest_of(model: Path) -> dict[str, Any]:
     return json.loads((model.parent / f"{model.name}.envlock" / "envlock.json").read_text())
 
 
+@pytest.mark.slow
 def test_api_save_refuses_a_reload_that_lost_state(tmp_path: Path) -> None:
     """Bin boundaries outside the config come back as the defaults: the weights compare equal,
     the predictions do not. Refused; with allow_mismatch the reference is the in-memory model's."""
@@ -338,6 +340,7 @@ def test_shell_variables_differing_from_the_record_are_reported(saved_tiny: Path
     assert human.returncode == 0 and "TF_ENABLE_ONEDNN_OPTS" in human.stdout
 
 
+@pytest.mark.slow
 def test_op_determinism_and_threads_differ(tmp_path: Path) -> None:
     """Saved from a shell with TF_DETERMINISTIC_OPS=1 and TF_NUM_INTRAOP_THREADS=1; checked with
     this shell's settings (--no-recorded-env), which have neither."""
@@ -372,6 +375,7 @@ def tf32_off_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return venv / "bin" / "python"
 
 
+@pytest.mark.slow
 def test_tf32_differs_on_a_recorded_h100(project: Path, tmp_path: Path, tf32_off_site: Path) -> None:
     """Saved and checked where nvidia-smi answers with a real H100 recording; TF32 on at save
     (TensorFlow's default), off in the checking interpreter's own start-up."""
@@ -490,3 +494,16 @@ def test_keras2_lstm_that_does_not_load_still_names_keras(tf215: Stack,  # noqa:
     f = finding(doc, "keras_major_differs")
     assert f["evidence"]["recorded"].startswith("2.15.") and f["evidence"]["current"].startswith("3.")
     assert "envlock run" in f["fix"]
+
+
+@pytest.mark.slow
+def test_keras2_env_unchanged_ten_times(tf215: Stack, tmp_path: Path) -> None:  # noqa: F811
+    """tests/projects/legacy trained and saved in Python 3.10 / TensorFlow 2.15 (Keras 2), then
+    checked there ten times: identical, no finding, no note."""
+    saved = train_and_save(tf215, tmp_path / "legacy", "model.h5")
+    out = tf215.run(tf215.python, "-c",
+                    "import json, envlock.checking as c\n"
+                    "docs = [c.check('model.h5', strategy='current').to_json() for _ in range(10)]\n"
+                    "print(json.dumps([(d['status'], d['findings'], d['notes']) for d in docs]))\n",
+                    cwd=saved.model.parent).stdout
+    assert json.loads(out.strip().splitlines()[-1]) == [["identical", [], []]] * 10
