@@ -16,6 +16,10 @@ ENV_VARS = (
     "TF_ENABLE_XLA", "TF_NUM_INTEROP_THREADS", "TF_NUM_INTRAOP_THREADS", "OMP_NUM_THREADS",
     "TF_FORCE_GPU_ALLOW_GROWTH", "TF_GPU_ALLOCATOR", "NVIDIA_TF32_OVERRIDE",
 )
+# The variables as the process got them, before any framework ran: Keras' jax backend sets
+# TF_FORCE_GPU_ALLOW_GROWTH itself on import, and that is not a setting of the user's.
+# This module is imported before the framework (the worker's prepare imports it first).
+ENV_AT_START = {k: os.environ.get(k) for k in ENV_VARS}
 PACKAGES = ("tensorflow", "tensorflow-cpu", "tensorflow-intel", "tensorflow-macos", "keras",
             "tf-keras", "jax", "jaxlib", "torch", "numpy", "h5py", "ml-dtypes")
 
@@ -175,7 +179,7 @@ def determinism_facts() -> dict:  # type: ignore[type-arg]
     except Exception:
         tf = None
     facts = {
-        "env": {k: os.environ.get(k) for k in ENV_VARS},
+        "env": dict(ENV_AT_START),
         "hash_randomization": bool(sys.flags.hash_randomization),
         "onednn": _onednn(tf),
         "op_determinism": None,
