@@ -406,6 +406,14 @@ def _lock(path: Path, settings: Settings, options: SaveOptions, workdir: Path, m
             repeatable = all(np.array_equal(outs[0][k], outs[1][k], equal_nan=True) for k in outs[0])
             # Array state outside the variables: compared with the model in memory, or (from a
             # file alone) with a second load, which draws it anew if it is random.
+            if not repeatable:  # name the layer that draws random numbers at inference
+                layer = client.request("random_layer", {"input": str(probe_in)}).get("layer")
+                if layer:
+                    loaded = {**loaded, "static_findings": [
+                        *loaded.get("static_findings", []),
+                        {"code": "random_layers_active", "layer": layer,
+                         "evidence": "its output differs between two calls on the same input in "
+                                     "inference mode (a random op that ignores `training`)"}]}
             held = loaded.get("untracked_arrays") or []
             if mem is not None:
                 untracked_lost = _untracked_lost(held, mem.untracked, "the model in memory")
@@ -591,8 +599,11 @@ def _write(path: Path, info: ModelInfo, settings: Settings, options: SaveOptions
     for r in risks:
         warnings.append(f"{r['name']} is an {r['kind']} install: not locked, a reproducibility risk")
     if not repeatable:
+        named = [f["layer"] for f in loaded.get("static_findings", [])
+                 if f.get("code") == "random_layers_active"]
         warnings.append("two runs of the probe in one process gave different bits: the model is "
-                        "nondeterministic here")
+                        "nondeterministic here"
+                        + (f" (layer {', '.join(named)} is random at inference)" if named else ""))
     if mismatched:
         warnings.append(f"weights_not_restored in layer(s) {', '.join(mismatched)} (saved anyway: "
                         "--allow-mismatch)")

@@ -319,6 +319,24 @@ def test_random_state_outside_the_weights_is_named(tmp_path: Path) -> None:
     assert "add_weight" in f["fix"] and "projection.projection" in f["fix"]
 
 
+def test_random_op_in_call_is_named_at_save_and_in_the_fix(tmp_path: Path) -> None:
+    """A custom layer that calls its Dropout with training=True: save finds which layer's output
+    differs between two calls and names it; check's fix names it too."""
+    from test_check import NOISY_MODEL, NOISY_MODULE
+
+    root = new_project(tmp_path / "noisy", noisy=NOISY_MODULE, make_noisy=NOISY_MODEL)
+    subprocess.run([sys.executable, "make_noisy.py", "noisy.keras"], cwd=root, check=True,
+                   capture_output=True, timeout=600)
+    saved = save(root / "noisy.keras")
+    assert saved["probe_repeatable"] is False
+    assert any("layer always_dropout is random at inference" in w for w in saved["warnings"])
+    doc = check_json(root / "noisy.keras", "--strategy", "current")
+    assert causes(doc)[:2] == ["random_layers_active", "nondeterministic_model"]
+    active = finding(doc, "random_layers_active")
+    assert active["evidence"]["current"] == "always_dropout" and "ignores `training`" in active["summary"]
+    assert "always_dropout" in finding(doc, "nondeterministic_model")["fix"]
+
+
 # --- 12.5: shell variables, oneDNN's effective state, a backend that is not there ---------------
 
 

@@ -121,6 +121,14 @@ class Worker:
         from .model import stored_weights
         return stored_weights(args.get("path") or self.path)
 
+    def op_random_layer(self, args):  # type: ignore[no-untyped-def]
+        import numpy as np
+
+        from .model import random_layer
+        with np.load(args["input"], allow_pickle=False) as npz:
+            inputs = {k: npz[k] for k in npz.files}
+        return {"layer": random_layer(self._need_model(), inputs)}
+
     def op_make_probe(self, args):  # type: ignore[no-untyped-def]
         import numpy as np
 

@@ -412,6 +412,30 @@ def untracked_arrays(model) -> list:  # type: ignore[no-untyped-def,type-arg]
     return out
 
 
+def random_layer(model, inputs):  # type: ignore[no-untyped-def]
+    """The first layer (in the model's order) whose output differs between two calls on the
+    same inputs in inference mode: a random op in call() that ignores ``training``. None when
+    the model is not a functional graph whose layers can be called one by one, or none differs."""
+    keras = import_keras()
+    ins = getattr(model, "inputs", None)
+    if not ins:
+        return None
+    x = next(iter(inputs.values())) if len(inputs) == 1 else [inputs[k] for k in inputs]
+    for layer in getattr(model, "layers", []):
+        if type(layer).__name__ == "InputLayer":
+            continue
+        try:
+            sub = keras.Model(ins, layer.output)
+            a, b = sub(x, training=False), sub(x, training=False)
+            flat_a = a if isinstance(a, (list, tuple)) else [a]
+            flat_b = b if isinstance(b, (list, tuple)) else [b]
+            if any(not np.array_equal(as_array(u), as_array(v)) for u, v in zip(flat_a, flat_b)):
+                return layer.name
+        except Exception:
+            return None
+    return None
+
+
 # -- specs -------------------------------------------------------------------------------
 
 def _dtype_name(dt) -> str:  # type: ignore[no-untyped-def]
