@@ -321,7 +321,8 @@ def _framework(m: Mapping[str, Any], o: Observed, c: _Collector) -> None:
                    if p not in versions and (p in wanted or p == backend)]
         pins = " ".join(f"{p}=={wanted[p]}" if p in wanted else p for p in missing) or str(backend)
         c.add("backend_differs", f"the recorded Keras backend {backend} cannot be used here: "
-              + (f"{', '.join(missing)} is not installed" if missing else str(cur["import_error"])),
+              + (f"{' and '.join(missing)} {'are' if len(missing) > 1 else 'is'} not installed"
+                 if missing else str(cur["import_error"])),
               backend, None,
               f"install {pins} (or run in the locked environment: `envlock run`, which has it)",
               missing_packages=missing, error=cur["import_error"])

@@ -47,7 +47,12 @@ def import_keras():  # type: ignore[no-untyped-def]
     try:
         import keras  # type: ignore
         return keras
-    except ImportError:
+    except ImportError as exc:
+        # Only where the keras package is absent (Keras 2 inside TensorFlow). An installed
+        # Keras that fails (its backend missing) must say so, not hide behind tf.keras's lazy
+        # loader, which would fail later and less clearly.
+        if getattr(exc, "name", None) not in (None, "keras") or _dist_version("keras") is not None:
+            raise
         from tensorflow import keras  # type: ignore
         return keras
 
@@ -94,21 +99,19 @@ def framework_facts() -> dict:  # type: ignore[type-arg]
         if v is not None:
             versions[name] = v
     try:
+        # tf.keras is a lazy loader that "imports" fine and fails on first use: use it here.
         keras = import_keras()
+        kv, module, backend = keras_version(keras), keras.__name__, keras_backend(keras)
         import_error = None
     except Exception as exc:
-        keras, import_error = None, "%s: %s" % (type(exc).__name__, str(exc).strip().splitlines()[0]
-                                                if str(exc).strip() else "")
+        text = str(exc).strip()
+        import_error = "%s: %s" % (type(exc).__name__, text.splitlines()[0] if text else "")
+        kv = versions.get("tf-keras" if uses_legacy_keras() else "keras") or ""
+        module, backend = None, requested_backend() if kv.startswith("3") else "tensorflow"
     try:
         tf = import_tf()
     except Exception:
         tf = None
-    if keras is not None:
-        kv = keras_version(keras)
-        module, backend = keras.__name__, keras_backend(keras)
-    else:
-        kv = versions.get("tf-keras" if uses_legacy_keras() else "keras") or ""
-        module, backend = None, requested_backend() if kv.startswith("3") else "tensorflow"
     facts = {
         "versions": versions,
         "keras_version": kv,

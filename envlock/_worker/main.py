@@ -27,6 +27,7 @@ class Worker:
         self.config = None
         self.specs = None
         self._request_id = None
+        self.start_path = list(sys.path)
 
     def emit(self, event: dict) -> None:  # type: ignore[type-arg]
         event = dict(event)
@@ -42,7 +43,10 @@ class Worker:
 
     def op_inventory(self, args):  # type: ignore[no-untyped-def]
         from .inventory import installed
-        return installed()
+        # The path as the interpreter started: importing a framework can extend it (TF 2.15
+        # pulls in setuptools, which puts its own _vendor folder on sys.path), and vendored
+        # copies are no installed distributions.
+        return installed(self.start_path)
 
     def op_prepare(self, args):  # type: ignore[no-untyped-def]
         """Import the framework (the slow part), apply settings, import custom modules."""
