@@ -213,9 +213,9 @@ def compare_variables(recorded: list[Mapping[str, Any]], current: list[Mapping[s
 
 def _model(m: Mapping[str, Any], o: Observed, c: _Collector) -> None:
     rec = m["model"]["sha256"]
-    w = m.get("weights") or {}
     if o.model_sha256 is not None and o.model_sha256 != rec:
-        _changed_file(m, o, c, w)
+        _changed_file(m, o, c, m.get("weights") or {})
+    w = m.get("weights") or {}
     if w.get("restored") is False:
         c.add("weights_not_restored",
               f"at save, layer(s) {', '.join(w.get('mismatched_layers') or [])} did not get their "
@@ -225,8 +225,10 @@ def _model(m: Mapping[str, Any], o: Observed, c: _Collector) -> None:
               layers=w.get("mismatched_layers"))
     elif o.fingerprint is not None and o.model_sha256 in (None, rec) \
             and o.fingerprint.get("overall") != w.get("overall"):
-        diff = compare_variables(w.get("variables") or [], o.fingerprint.get("variables") or [])
-        layers = sorted({*diff["changed"], *diff["new"], *diff["gone"]})
+        rec_vars = w.get("variables") or []
+        cur_vars = o.fingerprint.get("variables") or []
+        layers = sorted({str(cv["path"]).rsplit("/", 1)[0] for rv, cv in zip(rec_vars, cur_vars)
+                         if rv["sha256"] != cv["sha256"]})
         c.add("weights_not_restored", "the weights loaded from the unchanged file differ from "
               f"those recorded at save (layers: {', '.join(layers) or 'variable count differs'})",
               w.get("overall"), o.fingerprint.get("overall"),

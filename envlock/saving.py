@@ -403,10 +403,8 @@ def _lock(path: Path, settings: Settings, options: SaveOptions, workdir: Path, m
                 with np.load(out, allow_pickle=False) as npz:
                     outs.append({m["name"]: npz[m["name"]] for m in meta["outputs"]})
             facts = client.wait(t_facts)
-            repeatable = all(np.array_equal(outs[0][k], outs[1][k], equal_nan=True) for k in outs[0])
-            # Array state outside the variables: compared with the model in memory, or (from a
-            # file alone) with a second load, which draws it anew if it is random.
-            if not repeatable:  # name the layer that draws random numbers at inference
+            if any(not np.array_equal(outs[0][k], outs[1][k], equal_nan=True) for k in outs[0]):
+                # Name the layer that draws random numbers at inference.
                 layer = client.request("random_layer", {"input": str(probe_in)}).get("layer")
                 if layer:
                     loaded = {**loaded, "static_findings": [
@@ -414,6 +412,8 @@ def _lock(path: Path, settings: Settings, options: SaveOptions, workdir: Path, m
                         {"code": "random_layers_active", "layer": layer,
                          "evidence": "its output differs between two calls on the same input in "
                                      "inference mode (a random op that ignores `training`)"}]}
+            # Array state outside the variables: compared with the model in memory, or (from a
+            # file alone) with a second load, which draws it anew if it is random.
             held = loaded.get("untracked_arrays") or []
             if mem is not None:
                 untracked_lost = _untracked_lost(held, mem.untracked, "the model in memory")
@@ -425,6 +425,7 @@ def _lock(path: Path, settings: Settings, options: SaveOptions, workdir: Path, m
         finally:
             if mem is None:
                 client.close()
+        repeatable = all(np.array_equal(outs[0][k], outs[1][k], equal_nan=True) for k in outs[0])
         reference, in_memory_warning = outs[0], None
         if mem is not None and mem.model is not None:
             reference, in_memory_warning = _against_in_memory(mem.model, probe_in, outs[0], repeatable,
