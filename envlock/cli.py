@@ -360,6 +360,9 @@ def cmd_check(args: argparse.Namespace, out: Out) -> int:
             t.add_row(o.name, o.status, f"{o.max_abs_diff:.3g}", f"{o.max_rel_diff:.3g}",
                       f"{o.share_out_of_tolerance:.2%}", str(o.worst_index or "-"))
         out.print(t)
+        for o in result.outputs:
+            if o.note:
+                out.print(f"output {o.name}: {o.note}")
     if result.findings:
         out.print(_findings_table(result.findings))
     elif result.ok:
