@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from envlock._worker.framework import ENV_VARS
 from envlock.compare import (
     IDENTICAL,
     MISMATCH,
@@ -117,16 +118,24 @@ def check(model: str | os.PathLike[str], *, atol: float | None = None, rtol: flo
                 on_event=session_kwargs.get("on_build_event"))
             session.strategy = resolved.strategy
             fresh_f = pool.submit(_fresh_replay, session)
-            session.open()
-            client = session.client
-            assert client is not None
-            hello = client.request("hello")
-            obs.python = {"version": hello["python"], "implementation": hello["implementation"]}
-            facts = client.request("facts")
-            obs.framework, obs.determinism = facts["framework"], facts["determinism"]
-            obs.packages = {d["name"]: d["version"] for d in client.request("inventory")}
+            try:
+                session.open()
+            except WorkerError as exc:
+                # The model (or its framework) does not load: what the environment is still
+                # explains why, so gather its facts from the same worker without the model.
+                error = exc.message
+                obs.load_error = {"message": exc.message, "cause": exc.cause}
+                _gather_facts(session, obs, loaded=False)
+                raise
+            _gather_facts(session, obs, loaded=True)
             obs.custom_objects = session.loaded.get("custom_objects")
             obs.static_findings = session.loaded.get("static_findings") or []
+            jit = session.loaded.get("jit_compile") or {}
+            obs.model_jit = jit.get("effective")
+            obs.jit_not_honoured = jit.get("stored") if jit.get("honoured") is False else None
+            obs.untracked_arrays = session.loaded.get("untracked_arrays")
+            client = session.client
+            assert client is not None
             obs.fingerprint = client.request("fingerprint")
             _, reference = session.probe_arrays()
             first = session.replay_probe("a")
@@ -138,7 +147,10 @@ def check(model: str | os.PathLike[str], *, atol: float | None = None, rtol: flo
             obs.cross_process_equal = _bitwise(first, fresh) if fresh is not None else None
         except WorkerError as exc:
             error = exc.message
-            obs.load_error = {"message": exc.message, "cause": exc.cause}
+            if obs.load_error is None:
+                obs.load_error = {"message": exc.message, "cause": exc.cause}
+        if session.use_recorded_env:
+            obs.shell_env = {k: os.environ.get(k) for k in ENV_VARS}
         obs.custom_modules = frozenset(
             str(c.get("module", "")).split(".")[0].replace("_", "-") for c in m.get("custom_objects", []))
         obs.gpu = gpu_f.result()
@@ -162,6 +174,23 @@ def check(model: str | os.PathLike[str], *, atol: float | None = None, rtol: flo
         python=str(resolved_env.python) if resolved_env else None, tolerance=tol, error=error,
         seconds=seconds,
     )
+
+
+def _gather_facts(session: ModelSession, obs: Observed, *, loaded: bool) -> None:
+    """Python, framework, settings and packages as the worker sees them; with ``loaded`` False
+    (the load failed), whatever a worker that may have lost its model still answers."""
+    client = session.client
+    if client is None or not client.alive():
+        return
+    try:
+        hello = client.request("hello")
+        obs.python = {"version": hello["python"], "implementation": hello["implementation"]}
+        facts = client.request("facts")
+        obs.framework, obs.determinism = facts["framework"], facts["determinism"]
+        obs.packages = {d["name"]: d["version"] for d in client.request("inventory")}
+    except WorkerError:
+        if loaded:
+            raise
 
 
 def _bitwise(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> bool:

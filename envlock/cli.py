@@ -296,7 +296,18 @@ class Out:
 
     def emit_json(self, doc: dict[str, Any]) -> None:
         self.done()
-        sys.stdout.write(json.dumps(doc, indent=2, sort_keys=True, default=str) + "\n")
+        sys.stdout.write(json.dumps(_finite(doc), indent=2, sort_keys=True, default=str) + "\n")
+
+
+def _finite(value: Any) -> Any:
+    """JSON has no Infinity or NaN: a value that is not finite is written as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def cmd_save(args: argparse.Namespace, out: Out) -> int:
@@ -558,10 +569,17 @@ def cmd_check(args: argparse.Namespace, out: Out) -> int:
             t.add_row(o.name, o.status, f"{o.max_abs_diff:.3g}", f"{o.max_rel_diff:.3g}",
                       f"{o.share_out_of_tolerance:.2%}", str(o.worst_index or "-"))
         out.print(t)
+        for o in result.outputs:
+            if o.note:
+                out.print(f"output {o.name}: {o.note}")
     if result.findings:
         out.print(_findings_table(result.findings))
     elif result.ok:
         out.print("no differences from the lock")
+    for note in result.notes:
+        out.print(f"note: {note['what']}")
+        for name, values in (note.get("variables") or note.get("packages") or {}).items():
+            out.print(f"  {name}: " + ", ".join(f"{k} {v}" for k, v in values.items()))
     return code
 
 
@@ -698,8 +716,8 @@ def _report(code: int, message: str, *, hint: str | None = None, cause: str | No
 
 def _report_error(err: EnvlockError, debug: bool, *, as_json: bool = False) -> int:
     log_tail = getattr(err, "log_tail", "") if debug else ""
-    return _report(err.exit_code, str(err), hint=err.hint, cause=err.cause, kind=type(err).__name__,
-                   as_json=as_json, debug=debug, full=(str(err) + "\n" + log_tail) if log_tail else str(err))
+    return _report(err.exit_code, err.message, hint=err.hint, cause=err.cause, kind=type(err).__name__,
+                   as_json=as_json, debug=debug, full=(err.message + "\n" + log_tail) if log_tail else err.message)
 
 
 def _os_error_code(exc: OSError) -> int:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # imported when used: `envlock env` loads this module but never compares
@@ -29,6 +30,11 @@ class OutputComparison:
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
+        # JSON has no Infinity or NaN (strict parsers refuse them): a difference that cannot be
+        # measured (a missing output, other shapes) is null, and the note says why.
+        for key in ("max_abs_diff", "max_rel_diff"):
+            if not math.isfinite(d[key]):
+                d[key] = None
         d["worst_index"] = list(self.worst_index) if self.worst_index is not None else None
         d["reference_shape"] = list(self.reference_shape)
         d["actual_shape"] = list(self.actual_shape) if self.actual_shape is not None else None
@@ -71,7 +77,24 @@ def compare_output(name: str, ref: np.ndarray, got: np.ndarray | None, *, atol: 
 
 def compare_outputs(reference: Mapping[str, np.ndarray], actual: Mapping[str, np.ndarray], *,
                     atol: float, rtol: float) -> list[OutputComparison]:
-    return [compare_output(k, v, actual.get(k), atol=atol, rtol=rtol) for k, v in reference.items()]
+    """Outputs matched by name; where names differ but the counts agree (an output layer renamed
+    in a rebuilt model), the unmatched ones are paired in order and compared all the same."""
+    missing = [k for k in reference if k not in actual]
+    extra = [k for k in actual if k not in reference]
+    renamed = dict(zip(missing, extra)) if len(missing) == len(extra) else {}
+    out = []
+    for name, ref in reference.items():
+        if name in renamed:
+            c = compare_output(name, ref, actual[renamed[name]], atol=atol, rtol=rtol)
+            note = f"renamed: this model calls it {renamed[name]!r}"
+            out.append(replace(c, note=f"{note}; {c.note}" if c.note else note))
+        elif name in actual:
+            out.append(compare_output(name, ref, actual[name], atol=atol, rtol=rtol))
+        else:
+            c = compare_output(name, ref, None, atol=atol, rtol=rtol)
+            here = ", ".join(repr(k) for k in actual) or "none"
+            out.append(replace(c, note=f"output missing (this model's outputs: {here})"))
+    return out
 
 
 def overall_status(comparisons: list[OutputComparison]) -> str:

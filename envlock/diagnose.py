@@ -81,6 +81,12 @@ class Observed:
     in_process_equal: bool | None = None
     cross_process_equal: bool | None = None
     custom_modules: frozenset[str] = frozenset()
+    untracked_arrays: list[Mapping[str, Any]] | None = None  # layers' plain numpy attributes
+    model_jit: bool | None = None  # the loaded model's jit_compile as it predicted here
+    jit_not_honoured: Any = None  # the jit_compile a file stores, where it could not be applied
+    # The shell's values of the recorded variables where envlock replaced them with the
+    # recorded ones (None: the shell's values were passed through, --no-recorded-env).
+    shell_env: Mapping[str, str | None] | None = None
 
 
 def _minor(v: Any) -> str:
@@ -118,11 +124,97 @@ class _Collector:
                 for i, f in enumerate(order)]
 
 
+def _initial_value_hashes(var: Mapping[str, Any]) -> set[str]:
+    """The hashes a variable of this shape and dtype has at its usual initial values (zeros for
+    biases, betas and moving means; ones for gammas and moving variances)."""
+    import numpy as np
+
+    from envlock._worker.fingerprint import array_sha256
+
+    try:
+        shape, dtype = tuple(int(d) for d in var["shape"]), np.dtype(var["dtype"])
+    except (KeyError, TypeError, ValueError):
+        return set()
+    return {array_sha256(np.zeros(shape, dtype)), array_sha256(np.ones(shape, dtype))}
+
+
+def compare_variables(recorded: list[Mapping[str, Any]], current: list[Mapping[str, Any]]
+                      ) -> dict[str, Any]:
+    """The recorded and current variables matched by path, summed up per layer.
+
+    A layer is unchanged, changed, new (only here) or gone (only at save); a gone and a new
+    layer whose variables have the same shapes, in order, are one layer renamed. A variable
+    that differs and now holds its initial value (all zeros or all ones where the recorded one
+    did not) says the layer's weights were never loaded into it.
+    """
+    from envlock._worker.fingerprint import layer_of
+
+    rec = {str(v["path"]): v for v in recorded}
+    cur = {str(v["path"]): v for v in current}
+    layers: dict[str, dict[str, list[str]]] = {}
+
+    def mark(layer: str, state: str, var: str) -> None:
+        layers.setdefault(layer, {}).setdefault(state, []).append(var)
+
+    initial: list[str] = []
+    for path, v in cur.items():
+        r = rec.get(path)
+        if r is None:
+            mark(layer_of(path), "new", path)
+        elif r["sha256"] == v["sha256"]:
+            mark(layer_of(path), "unchanged", path)
+        else:
+            mark(layer_of(path), "changed", path)
+            if v["sha256"] in _initial_value_hashes(v) and r["sha256"] not in _initial_value_hashes(r):
+                initial.append(path)
+    for path in rec:
+        if path not in cur:
+            mark(layer_of(path), "gone", path)
+    gone = [k for k, st in layers.items() if set(st) == {"gone"}]
+    new = [k for k, st in layers.items() if set(st) == {"new"}]
+    renamed: dict[str, str] = {}
+    for g in gone:
+        shapes = [rec[p]["shape"] for p in layers[g]["gone"]]
+        for n in new:
+            if n not in renamed.values() and [cur[p]["shape"] for p in layers[n]["new"]] == shapes:
+                renamed[g] = n
+                break
+    for g, n in renamed.items():
+        pairs = list(zip(layers[g]["gone"], layers[n]["new"]))
+        if all(rec[a]["sha256"] == cur[b]["sha256"] for a, b in pairs):
+            continue
+        for a, b in pairs:
+            if rec[a]["sha256"] != cur[b]["sha256"] and cur[b]["sha256"] in _initial_value_hashes(cur[b]) \
+                    and rec[a]["sha256"] not in _initial_value_hashes(rec[a]):
+                initial.append(b)
+
+    def state(st: dict[str, list[str]]) -> str:
+        if set(st) == {"unchanged"}:
+            return "unchanged"
+        if set(st) == {"new"}:
+            return "new"
+        if set(st) == {"gone"}:
+            return "gone"
+        return "changed"
+
+    by_state: dict[str, list[str]] = {"unchanged": [], "changed": [], "new": [], "gone": []}
+    for layer, st in layers.items():
+        by_state[state(st)].append(layer)
+    for g, n in renamed.items():
+        by_state["gone"].remove(g)
+        by_state["new"].remove(n)
+        same = all(rec[a]["sha256"] == cur[b]["sha256"]
+                   for a, b in zip(layers[g]["gone"], layers[n]["new"]))
+        (by_state["unchanged"] if same else by_state["changed"]).append(n)
+    return {**{k: sorted(v) for k, v in by_state.items()}, "renamed": renamed,
+            "initial_values": sorted({layer_of(p) for p in initial}),
+            "initial_variables": sorted(initial)}
+
+
 def _model(m: Mapping[str, Any], o: Observed, c: _Collector) -> None:
     rec = m["model"]["sha256"]
     if o.model_sha256 is not None and o.model_sha256 != rec:
-        c.add("model_file_changed", f"{m['model']['file']} was modified after it was saved", rec,
-              o.model_sha256, "restore the original file, or save the model again with `envlock save`")
+        _changed_file(m, o, c, m.get("weights") or {})
     w = m.get("weights") or {}
     custom = [str(x.get("qualname")) for x in m.get("custom_objects") or [] if x.get("kind") == "class"]
     fix = ("give the custom layer ({}) a build() that creates its weights (and do not override "
@@ -149,6 +241,44 @@ def _model(m: Mapping[str, Any], o: Observed, c: _Collector) -> None:
 
 
 _CODE_HASHES = (("class", "source_sha256"), ("module", "file_sha256"))
+
+
+def _changed_file(m: Mapping[str, Any], o: Observed, c: _Collector, w: Mapping[str, Any]) -> None:
+    """The file differs from the one saved: say what in it differs, weight by weight."""
+    rec = m["model"]["sha256"]
+    name = m["model"]["file"]
+    restore = f"restore the original {name} (sha256 {rec[:12]}… in the sidecar)"
+    if o.fingerprint is None or not w.get("variables"):
+        c.add("model_file_changed", f"{name} was modified after it was saved (it could not be "
+              "loaded to compare its weights)", rec, o.model_sha256,
+              f"{restore}; saving again would lock in whatever changed")
+        return
+    diff = compare_variables(w.get("variables") or [], o.fingerprint.get("variables") or [])
+    parts = []
+    for key, label in (("changed", "changed"), ("new", "new"), ("gone", "gone")):
+        if diff[key]:
+            parts.append(f"{label}: {', '.join(diff[key])}")
+    if diff["renamed"]:
+        parts.append("renamed: " + ", ".join(f"{a} → {b}" for a, b in diff["renamed"].items()))
+    what = "; ".join(parts) if parts else "its weights are all the same (only the file's other " \
+        "content changed)"
+    c.add("model_file_changed", f"{name} was modified after it was saved; layers {what}",
+          rec, o.model_sha256,
+          f"{restore}; to see what changed, compare the layers listed (saving again would lock "
+          "the change in)",
+          bonus=0 if parts else -40, **{k: diff[k] for k in ("unchanged", "changed", "new", "gone",
+                                                             "renamed")})
+    if diff["initial_values"]:
+        layers = diff["initial_values"]
+        c.add("weights_not_restored",
+              f"layer(s) {', '.join(layers)} hold their initial values in the new file (variables "
+              f"{', '.join(diff['initial_variables'])} are all zeros or ones, and were not at save): "
+              "their weights were never loaded into them",
+              {"layers": layers, "at_save": "trained values"}, {"layers": layers, "here": "initial values"},
+              "load the weights under the layer names they were saved with (load_weights(by_name=True, "
+              "skip_mismatch=True) silently skips a renamed layer), or restore the original file",
+              bonus=6, layers=layers, variables=diff["initial_variables"],
+              renamed=diff["renamed"])
 
 
 def _custom(m: Mapping[str, Any], o: Observed, c: _Collector) -> None:
@@ -190,6 +320,10 @@ def _custom(m: Mapping[str, Any], o: Observed, c: _Collector) -> None:
               bonus=-12 if parts == ["module"] else 0)
 
 
+_BACKEND_PACKAGES = {"jax": ("jax", "jaxlib"), "torch": ("torch",), "tensorflow": ("tensorflow",),
+                     "numpy": ("numpy",)}
+
+
 def _framework(m: Mapping[str, Any], o: Observed, c: _Collector) -> None:
     rec = m.get("framework") or {}
     cur = o.framework
@@ -201,9 +335,23 @@ def _framework(m: Mapping[str, Any], o: Observed, c: _Collector) -> None:
               f"{cur.get('keras_version')}", rec.get("keras_version"), cur.get("keras_version"),
               f"run in the locked environment (`envlock run`), or install keras=={rec.get('keras_version')}"
               " (for Keras 2 under TF >= 2.16: tf_keras with TF_USE_LEGACY_KERAS=1)")
-    if rec.get("backend") and cur.get("backend") and rec["backend"] != cur["backend"]:
-        c.add("backend_differs", "another Keras backend", rec["backend"], cur["backend"],
-              f"set KERAS_BACKEND={rec['backend']}")
+    backend = rec.get("backend")
+    if backend and cur.get("import_error") and cur.get("backend") == backend:
+        # Keras was asked for the recorded backend and could not import it.
+        versions = cur.get("versions") or {}
+        wanted = (rec.get("versions") or {})
+        missing = [p for p in _BACKEND_PACKAGES.get(str(backend), (str(backend),))
+                   if p not in versions and (p in wanted or p == backend)]
+        pins = " ".join(f"{p}=={wanted[p]}" if p in wanted else p for p in missing) or str(backend)
+        c.add("backend_differs", f"the recorded Keras backend {backend} cannot be used here: "
+              + (f"{' and '.join(missing)} {'are' if len(missing) > 1 else 'is'} not installed"
+                 if missing else str(cur["import_error"])),
+              backend, None,
+              f"install {pins} (or run in the locked environment: `envlock run`, which has it)",
+              missing_packages=missing, error=cur["import_error"])
+    elif backend and cur.get("backend") and backend != cur["backend"]:
+        c.add("backend_differs", "another Keras backend", backend, cur["backend"],
+              f"set KERAS_BACKEND={backend}")
 
 
 def _packages(m: Mapping[str, Any], locked: Mapping[str, str], o: Observed, c: _Collector) -> None:
@@ -271,25 +419,58 @@ def _determinism(m: Mapping[str, Any], o: Observed, c: _Collector, on_gpu: bool)
               "whatever sets the policy globally")
     renv, cenv = rec.get("env") or {}, cur.get("env") or {}
     xla_keys = ("TF_XLA_FLAGS", "XLA_FLAGS", "TF_ENABLE_XLA")
-    if (rec.get("jit") or "") != (cur.get("jit") or "") or any(renv.get(k) != cenv.get(k) for k in xla_keys):
-        c.add("xla_differs", "XLA / auto-jit settings differ",
-              {"jit": rec.get("jit"), **{k: renv.get(k) for k in xla_keys}},
-              {"jit": cur.get("jit"), **{k: cenv.get(k) for k in xla_keys}},
-              "use the recorded XLA settings (unset TF_XLA_FLAGS / tf.config.optimizer.set_jit(False))")
+    # The model's own jit_compile (stored in a .keras file by compile(jit_compile=True)) as the
+    # predicting model had it: at save, and here.
+    rjit, cjit = (m.get("model") or {}).get("jit_compile"), o.model_jit
+    model_jit_differs = rjit is not None and cjit is not None and bool(rjit) != bool(cjit)
+    if (rec.get("jit") or "") != (cur.get("jit") or "") or model_jit_differs \
+            or any(renv.get(k) != cenv.get(k) for k in xla_keys):
+        fix = "use the recorded XLA settings (unset TF_XLA_FLAGS / tf.config.optimizer.set_jit(False))"
+        if model_jit_differs:
+            fix = (f"predict with model.jit_compile = {bool(rjit)} as at save (the file as saved stored "
+                   f"jit_compile={(m.get('model') or {}).get('stored_jit_compile')}; envlock run "
+                   "honours what the file stores)")
+        c.add("xla_differs", "XLA / auto-jit settings differ"
+              + (f": the model predicted with jit_compile={bool(rjit)} at save and {bool(cjit)} here"
+                 if model_jit_differs else ""),
+              {"jit": rec.get("jit"), "model_jit_compile": rjit, **{k: renv.get(k) for k in xla_keys}},
+              {"jit": cur.get("jit"), "model_jit_compile": cjit, **{k: cenv.get(k) for k in xla_keys}},
+              fix, bonus=20 if model_jit_differs else 0)
+    if o.jit_not_honoured is not None:
+        c.notes.append({"what": f"the file stores jit_compile={o.jit_not_honoured}, which could not be "
+                                "applied to the loaded model here: it predicted without it"})
     rec_ops = renv.get("TF_DETERMINISTIC_OPS")
     if (rec.get("op_determinism") and not cur.get("op_determinism")) or \
             (rec_ops and rec_ops != cenv.get("TF_DETERMINISTIC_OPS")):
+        how = [] if not rec_ops else [f"TF_DETERMINISTIC_OPS={rec_ops}"]
+        if rec.get("op_determinism"):
+            how.append("tf.config.experimental.enable_op_determinism()")
         c.add("op_determinism_off", "op determinism was on at save and is off here",
-              rec.get("op_determinism"), cur.get("op_determinism"),
-              "tf.config.experimental.enable_op_determinism() (envlock run applies it)")
+              {"op_determinism": rec.get("op_determinism"), "TF_DETERMINISTIC_OPS": rec_ops},
+              {"op_determinism": cur.get("op_determinism"),
+               "TF_DETERMINISTIC_OPS": cenv.get("TF_DETERMINISTIC_OPS")},
+              f"turn it on as at save: {' and '.join(how)} (envlock run applies the recorded "
+              "settings unless --no-recorded-env)")
+    # Thread pools exist only where TensorFlow runs the model: a model saved (or run) with
+    # another backend has no TensorFlow thread settings to compare.
+    tf_both = (m.get("framework") or {}).get("backend", "tensorflow") == "tensorflow" \
+        and (o.framework or {}).get("backend", "tensorflow") == "tensorflow" \
+        and rec.get("intra_op_threads") is not None and cur.get("intra_op_threads") is not None
+    thread_keys = ("TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS", "OMP_NUM_THREADS")
     rt = (rec.get("intra_op_threads"), rec.get("inter_op_threads"), rec.get("cpu_count"))
     ct = (cur.get("intra_op_threads"), cur.get("inter_op_threads"), cur.get("cpu_count"))
-    if rt[:2] != ct[:2] or (rt[:2] == (0, 0) and rt[2] != ct[2]):
+    env_differs = any(renv.get(k) != cenv.get(k) for k in thread_keys)
+    if tf_both and (rt[:2] != ct[:2] or (rt[:2] == (0, 0) and rt[2] != ct[2]) or env_differs):
         c.add("threads_differ", "thread settings (or the core count TensorFlow sizes its pools by) differ",
-              {"intra": rt[0], "inter": rt[1], "cpus": rt[2]},
-              {"intra": ct[0], "inter": ct[1], "cpus": ct[2]},
-              "pin intra/inter-op threads at save and run (tf.config.threading) for reductions that "
-              "split work by thread count")
+              {"intra": rt[0], "inter": rt[1], "cpus": rt[2],
+               **{k: renv.get(k) for k in thread_keys if renv.get(k) or cenv.get(k)}},
+              {"intra": ct[0], "inter": ct[1], "cpus": ct[2],
+               **{k: cenv.get(k) for k in thread_keys if renv.get(k) or cenv.get(k)}},
+              "use the recorded thread settings ("
+              + ", ".join(f"{k}={renv.get(k)}" for k in thread_keys if renv.get(k))
+              + ("; " if any(renv.get(k) for k in thread_keys) else "")
+              + "tf.config.threading.set_intra_op/inter_op_parallelism_threads at save and run): "
+              "reductions split work by thread count")
 
 
 def _hardware(m: Mapping[str, Any], o: Observed, c: _Collector) -> bool:
@@ -336,12 +517,34 @@ def _hardware(m: Mapping[str, Any], o: Observed, c: _Collector) -> bool:
 
 
 def _randomness(m: Mapping[str, Any], o: Observed, c: _Collector) -> None:
+    untracked: list[Mapping[str, Any]] = []
     for s in [*(m.get("static_findings") or []), *o.static_findings]:
         if s.get("code") == "random_layers_active":
             c.add("random_layers_active",
                   f"layer {s.get('layer')} is random at inference: {s.get('evidence')}", None,
                   s.get("layer"), "call random layers with training=False at inference, or remove "
                   "them from the exported model")
+        elif s.get("code") == "untracked_state" and all(u.get("layer") != s.get("layer")
+                                                          or u.get("attribute") != s.get("attribute")
+                                                          for u in untracked):
+            untracked.append(s)
+    recorded = {(u.get("layer"), u.get("attribute")): u
+                for u in (m.get("model") or {}).get("untracked_arrays") or []}
+    for u in o.untracked_arrays or []:
+        r = recorded.get((u.get("layer"), u.get("attribute")))
+        if r is not None and r.get("sha256") != u.get("sha256") and all(
+                (x.get("layer"), x.get("attribute")) != (u.get("layer"), u.get("attribute"))
+                for x in untracked):
+            untracked.append({"layer": u.get("layer"), "attribute": u.get("attribute"),
+                              "evidence": "other values than at save"})
+    if untracked:
+        names = ", ".join(f"{u.get('layer')}.{u.get('attribute')}" for u in untracked)
+        c.add("nondeterministic_model",
+              f"array state that is not a weight, so not saved, is made anew at every load: {names}",
+              None, [dict(u) for u in untracked],
+              f"make {names} a weight (self.add_weight(..., trainable=False) assigned in build()) so "
+              "the file stores it, or draw it from a seed kept in get_config()",
+              bonus=4, layers=sorted({str(u.get("layer")) for u in untracked}))
     rec_equal = (m.get("probe") or {}).get("repeat_bitwise_equal")
     if o.cross_process_equal is False and o.in_process_equal is not False and rec_equal is not False \
             and c.has("weights_not_restored"):
@@ -358,10 +561,42 @@ def _randomness(m: Mapping[str, Any], o: Observed, c: _Collector) -> None:
             where.append("a fresh process differs from the first")
         if rec_equal is False:
             where.append("it was already nondeterministic at save")
+        if c.has("nondeterministic_model"):  # explained by named state already
+            c.annotate("nondeterministic_model", "; ".join(where), in_process=o.in_process_equal,
+                       cross_process=o.cross_process_equal)
+            return
+        random = [f for f in c.items if f.code == "random_layers_active"]
+        fix = ("call the random layer(s) " + ", ".join(str(f.current) for f in random)
+               + " with training=False at inference" if random and o.in_process_equal is False else
+               "enable op determinism (tf.config.experimental.enable_op_determinism()) at save and "
+               "run, or compare within tolerance" if o.in_process_equal is not False else
+               "a layer draws random numbers at inference (a random op in call() that ignores "
+               "`training`): make it depend on training, seed it, or compare within tolerance")
         c.add("nondeterministic_model", "the model is not deterministic here: " + "; ".join(where),
               rec_equal, {"in_process": o.in_process_equal, "cross_process": o.cross_process_equal},
-              "enable op determinism, seed the random layers, or compare within tolerance",
-              in_process=o.in_process_equal, cross_process=o.cross_process_equal)
+              fix, in_process=o.in_process_equal, cross_process=o.cross_process_equal)
+
+
+def _shell(m: Mapping[str, Any], o: Observed, c: _Collector) -> None:
+    """Variables this shell sets otherwise than recorded: envlock used the recorded values, and
+    says so, with both, because a plain `python` in this shell would not."""
+    if o.shell_env is None:
+        return
+    renv = (m.get("determinism") or {}).get("env") or {}
+    differ = {k: {"recorded": renv.get(k), "shell": v} for k, v in sorted(o.shell_env.items())
+              if renv.get(k) != v}
+    onednn = ((m.get("determinism") or {}).get("onednn") or {}).get("effective")
+    shell_onednn = o.shell_env.get("TF_ENABLE_ONEDNN_OPTS")
+    if onednn is not None and shell_onednn is not None \
+            and (shell_onednn.strip().lower() in ("1", "true", "yes", "on")) != bool(onednn):
+        differ.setdefault("TF_ENABLE_ONEDNN_OPTS", {"recorded": renv.get("TF_ENABLE_ONEDNN_OPTS"),
+                                                    "shell": shell_onednn})
+        differ["TF_ENABLE_ONEDNN_OPTS"]["recorded_effective"] = bool(onednn)
+    if differ:
+        c.notes.append({"what": "this shell sets recorded variables otherwise; envlock applied the "
+                                "recorded values (a plain python here would not: --no-recorded-env "
+                                "shows what they change)",
+                        "variables": differ})
 
 
 def diagnose(manifest: Mapping[str, Any], locked: Mapping[str, str], observed: Observed, *,
@@ -376,4 +611,5 @@ def diagnose(manifest: Mapping[str, Any], locked: Mapping[str, str], observed: O
     on_gpu = _hardware(manifest, observed, c)
     _determinism(manifest, observed, c, on_gpu)
     _randomness(manifest, observed, c)
+    _shell(manifest, observed, c)
     return c.ranked(), c.notes

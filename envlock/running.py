@@ -212,13 +212,19 @@ def recorded_environment(sc: Sidecar, *, use_recorded: bool) -> dict[str, str]:
             env.pop(k, None)
         else:
             env[k] = str(value)
+    # oneDNN's default depends on the CPU (on where AVX-512/AMX exist): re-apply the state it
+    # had at save, not only the variable, so a model saved with it on by default does not run
+    # with it off elsewhere (or the other way round).
+    effective = sc.get("determinism", "onednn", "effective")
+    if isinstance(effective, bool):
+        env["TF_ENABLE_ONEDNN_OPTS"] = "1" if effective else "0"
     return env
 
 
 def recorded_settings(sc: Sidecar) -> dict[str, Any]:
     d = sc.get("determinism") or {}
     return {k: d.get(k) for k in ("op_determinism", "tf32", "intra_op_threads", "inter_op_threads",
-                                  "jit", "dtype_policy")}
+                                  "jit", "dtype_policy", "floatx")}
 
 
 class ModelSession:
@@ -285,7 +291,8 @@ class ModelSession:
             raise MismatchError(
                 f"model_file_changed: {self.model} is not the file the sidecar was saved with "
                 "(its sha256 differs)", cause="model_file_changed",
-                hint="save it again with `envlock save`, or restore the original file")
+                hint=f"restore the original file; `envlock check {self.model}` says which layers "
+                "changed (saving again would lock the change in)")
 
     def _code_path(self) -> list[str]:
         code = self.sidecar.file("code")
@@ -341,8 +348,9 @@ class ModelSession:
         custom_map = {c["qualname"].split(".")[-1]: (MAIN_MODULE, c["qualname"])
                       for c in customs if c.get("defined_in_main")}
         where = "sys_path" if self.code_first else "sys_path_append"
-        self.client.request("prepare", {where: code_path, "modules": modules,
-                                        "settings": recorded_settings(self.sidecar)})
+        # --no-recorded-env: this environment as it is, its in-process settings included.
+        settings = recorded_settings(self.sidecar) if self.use_recorded_env else {}
+        self.client.request("prepare", {where: code_path, "modules": modules, "settings": settings})
         self.seconds["worker_start"] = time.perf_counter() - t
         t = time.perf_counter()
         self._stage("loading the model")

@@ -20,7 +20,7 @@ import time
 import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,7 @@ from envlock._worker.fingerprint import compare_fingerprints, compare_with_store
 from envlock._worker.framework import ENV_VARS
 from envlock._worker.inventory import installed
 from envlock.arrayfiles import save_npz
-from envlock.errors import InputArrayError, ModelFileError, WeightsNotRestoredError
+from envlock.errors import InputArrayError, MismatchError, ModelFileError, WeightsNotRestoredError
 from envlock.fs import log_dir, preflight_save
 from envlock.gpu import cuda_env_facts, gpu_facts
 from envlock.hostfacts import platform_facts, python_facts
@@ -76,10 +76,38 @@ class _InMemory:
     main: customcode.MainCapture | None = None  # the __main__ script's objects, captured
     # Modules defining objects the file names only by registered name (known in this process).
     registered_modules: tuple[str, ...] = ()
+    model: Any = None
+    # The calling (training) process's own settings, read where they were set (see _caller_facts).
+    determinism: dict[str, Any] = field(default_factory=dict)
+    untracked: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def main_objects(self) -> dict[str, str]:
         return self.main.objects if self.main is not None else {}
+
+
+
+# What the reload worker is given from the caller before it loads: these change how the model
+# is built. Threads, TF32 and jit cannot be changed in a running worker; they are recorded.
+_CALLER_SETTINGS = ("dtype_policy", "floatx", "op_determinism")
+_CALLER_RECORDED = (*_CALLER_SETTINGS, "tf32", "intra_op_threads", "inter_op_threads", "jit")
+
+
+def _caller_facts(model: Any) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The determinism settings of this (the training) process, and the numpy arrays its
+    model's layers hold outside their variables."""
+    from envlock._worker.framework import determinism_facts
+    from envlock._worker.model import untracked_arrays
+
+    try:
+        facts = determinism_facts()
+    except Exception:  # a framework too old or too new to say: the worker's facts stand
+        facts = {}
+    try:
+        untracked = untracked_arrays(model)
+    except Exception:
+        untracked = []
+    return {k: facts.get(k) for k in _CALLER_RECORDED if k in facts}, untracked
 
 
 def _worker_env() -> dict[str, str]:
@@ -228,7 +256,9 @@ def save(model: Any, path: str | os.PathLike[str], *, probe: Any = None, setting
             config = customcode.read_config(path)
             mains = customcode.main_objects(model, config)
             mem = _InMemory(client, ticket, fingerprint_model(model),
-                            registered_modules=tuple(customcode.registered_modules(config)))
+                            registered_modules=tuple(customcode.registered_modules(config)),
+                            model=model)
+            mem.determinism, mem.untracked = _caller_facts(model)
             if mains:
                 mem.main = customcode.capture_main(mains)
             probe_path = None
@@ -319,10 +349,12 @@ def _lock(path: Path, settings: Settings, options: SaveOptions, workdir: Path, m
             stage("loading the model back in a fresh process")
             # A subclassed model's file does not say its inputs: the probe does.
             probe_specs = _probe_specs(options.probe) if options.probe is not None else None
-            loaded = client.request("load", {"path": str(path.resolve()), "safe_mode": True,
-                                             "custom_objects": custom_map,
-                                             "import_config_modules": True,
-                                             "inputs": probe_specs})
+            load_args: dict[str, Any] = {"path": str(path.resolve()), "safe_mode": True,
+                                         "custom_objects": custom_map, "import_config_modules": True,
+                                         "inputs": probe_specs}
+            if mem is not None:
+                load_args["caller_settings"] = {k: mem.determinism.get(k) for k in _CALLER_SETTINGS}
+            loaded = client.request("load", load_args)
             specs = loaded["inputs"]
             probe_in = workdir / "probe-in.npz"
             if options.probe is not None:
@@ -375,18 +407,112 @@ def _lock(path: Path, settings: Settings, options: SaveOptions, workdir: Path, m
                 with np.load(out, allow_pickle=False) as npz:
                     outs.append({m["name"]: npz[m["name"]] for m in meta["outputs"]})
             facts = client.wait(t_facts)
+            if any(not np.array_equal(outs[0][k], outs[1][k], equal_nan=True) for k in outs[0]):
+                # Name the layer that draws random numbers at inference.
+                layer = client.request("random_layer", {"input": str(probe_in)}).get("layer")
+                if layer:
+                    loaded = {**loaded, "static_findings": [
+                        *loaded.get("static_findings", []),
+                        {"code": "random_layers_active", "layer": layer,
+                         "evidence": "its output differs between two calls on the same input in "
+                                     "inference mode (a random op that ignores `training`)"}]}
+            # Array state outside the variables: compared with the model in memory, or (from a
+            # file alone) with a second load, which draws it anew if it is random.
+            held = loaded.get("untracked_arrays") or []
+            if mem is not None:
+                untracked_lost = _untracked_lost(held, mem.untracked, "the model in memory")
+            elif held:
+                again = client.request("load", load_args).get("untracked_arrays")
+                untracked_lost = _untracked_lost(held, again, "a second load")
+            else:
+                untracked_lost = []
         finally:
             if mem is None:
                 client.close()
         # Outputs that two runs in one process gave other bits for: sampled at inference.
         varying = [k for k in outs[0] if not np.array_equal(outs[0][k], outs[1][k], equal_nan=True)]
         repeatable = not varying
+        reference, in_memory_warning = outs[0], None
+        if mem is not None and mem.model is not None:
+            reference, in_memory_warning = _against_in_memory(mem.model, probe_in, outs[0], repeatable,
+                                                              options, path)
+        if in_memory_warning:
+            loaded = {**loaded, "in_memory_warning": in_memory_warning}
+        loaded = {**loaded, "untracked_lost": untracked_lost}
         gpus = gpu_f.result()
 
+    if mem is not None and mem.determinism:
+        facts = {**facts, "determinism": {**facts["determinism"], **mem.determinism}}
     return _write(path, info, settings, options, host, gpus, dists, packages, lock_texts, loaded,
-                  specs, fingerprint, mismatched, probe_in, outs[0], probe_source, repeatable, facts,
+                  specs, fingerprint, mismatched, probe_in, reference, probe_source, repeatable, facts,
                   code_dir, mem, seconds, t0, command, vendored=vendored, varying=varying,
                   module_facts=module_facts)
+
+
+def _untracked_lost(loaded: list[dict[str, Any]], other: list[dict[str, Any]] | None,
+                    against: str) -> list[dict[str, Any]]:
+    """Layer attributes holding arrays whose values differ between the reloaded model and
+    ``other`` (the model in memory, or a second load): state the file does not keep."""
+    by_key = {(u["layer"], u["attribute"]): u for u in other or []}
+    lost = []
+    for u in loaded:
+        o = by_key.get((u["layer"], u["attribute"]))
+        if o is not None and o["sha256"] != u["sha256"]:
+            lost.append({"code": "untracked_state", "layer": u["layer"], "attribute": u["attribute"],
+                         "evidence": f"{u['class']}.{u['attribute']} is a numpy array, not a weight: "
+                                     f"the reloaded model holds other values than {against}"})
+    return lost
+
+
+def _predict_in_memory(model: Any, probe_in: Path, names: Sequence[str], batch_size: int
+                       ) -> dict[str, np.ndarray]:
+    with np.load(probe_in, allow_pickle=False) as npz:
+        inputs = {k: npz[k] for k in npz.files}
+    x: Any = next(iter(inputs.values())) if len(inputs) == 1 else inputs
+    y = model.predict(x, batch_size=batch_size, verbose=0)
+    if isinstance(y, Mapping):
+        return {k: np.asarray(v) for k, v in y.items()}
+    ys = list(y) if isinstance(y, (list, tuple)) else [y]
+    return {n: np.asarray(v) for n, v in zip(names, ys)}
+
+
+def _against_in_memory(model: Any, probe_in: Path, reloaded: dict[str, np.ndarray], repeatable: bool,
+                       options: SaveOptions, path: Path) -> tuple[dict[str, np.ndarray], str | None]:
+    """The probe predicted by the model in memory, the one the user trained: the reference is
+    what it predicts. A reloaded model that predicts otherwise lost something on the way
+    through the file (state that is not a variable, a dtype policy its config dropped):
+    refused, or with allow_mismatch recorded with the in-memory outputs as the reference."""
+    from envlock.compare import compare_outputs
+
+    try:
+        mine = _predict_in_memory(model, probe_in, list(reloaded), options.batch_size)
+    except Exception as exc:  # a model that cannot predict in this process: the reload stands
+        return reloaded, f"the probe could not be predicted with the model in memory ({exc})"
+    same = mine.keys() == reloaded.keys() and all(
+        mine[k].dtype == reloaded[k].dtype and np.array_equal(mine[k], reloaded[k], equal_nan=True)
+        for k in mine)
+    if same:
+        return reloaded, None
+    if not repeatable:
+        return reloaded, ("the model is random at inference, so the model in memory and the one "
+                          "loaded back could not be compared")
+    worst = ""
+    if mine.keys() == reloaded.keys():
+        comps = compare_outputs(mine, reloaded, atol=options.atol, rtol=options.rtol)
+        w = max(comps, key=lambda c: c.max_abs_diff)
+        worst = (f" (output {w.name}: up to {w.max_abs_diff:.3g}"
+                 + (f", dtype {reloaded[w.name].dtype} instead of {mine[w.name].dtype}"
+                    if mine[w.name].dtype != reloaded[w.name].dtype else "") + ")")
+    what = (f"{path.name} loaded back predicts other values than the model in memory{worst}: state "
+            "that is not a variable was not saved, or a global setting its config dropped")
+    if not options.allow_mismatch:
+        raise MismatchError(f"reload_differs: {what}", cause="weights_not_restored",
+                            hint="fix what the file does not keep (get_config, weights) and save "
+                            "again; allow_mismatch=True records the in-memory predictions as the "
+                            "reference")
+    if mine.keys() != reloaded.keys():
+        return reloaded, what
+    return mine, what + " (saved anyway: the reference is the model in memory's predictions)"
 
 
 def _render_locks(packages: list[Any], python_version: str, command: str,
@@ -518,12 +644,21 @@ def _write(path: Path, info: ModelInfo, settings: Settings, options: SaveOptions
     for r in risks:
         warnings.append(f"{r['name']} is an {r['kind']} install: not locked, a reproducibility risk")
     if not repeatable:
+        named = [f["layer"] for f in loaded.get("static_findings", [])
+                 if f.get("code") == "random_layers_active"]
         warnings.append("two runs of the probe in one process gave different bits for output(s) "
-                        f"{', '.join(varying)}: the model is nondeterministic here (it samples at "
-                        "inference?); `envlock run` will not promise their bits")
+                        f"{', '.join(varying)}: the model is nondeterministic here"
+                        + (f" (layer {', '.join(named)} is random at inference)" if named else "")
+                        + "; `envlock run` will not promise their bits")
     if mismatched:
         warnings.append(f"weights_not_restored in layer(s) {', '.join(mismatched)} (saved anyway: "
                         "--allow-mismatch)")
+    if loaded.get("in_memory_warning"):
+        warnings.append(loaded["in_memory_warning"])
+    for u in loaded.get("untracked_lost") or []:
+        warnings.append(f"layer {u['layer']}: {u['evidence']} (it is made anew at every load: make "
+                        "it a weight with add_weight(trainable=False), or draw it from a seed in "
+                        "get_config())")
     if os.environ.get("PYTHONPATH"):
         warnings.append("PYTHONPATH is set: modules found through it are not locked")
 
@@ -538,6 +673,10 @@ def _write(path: Path, info: ModelInfo, settings: Settings, options: SaveOptions
         if model_json.get(key) is None and value is not None:  # legacy HDF5: only h5py reads it
             model_json[key] = value
     model_json["inputs"] = specs
+    jit = loaded.get("jit_compile") or {}
+    model_json["jit_compile"] = jit.get("effective")
+    model_json["stored_jit_compile"] = jit.get("stored")
+    model_json["untracked_arrays"] = loaded.get("untracked_arrays") or []
     model_json["outputs"] = [{"name": k, "shape": list(v.shape[1:]), "dtype": str(v.dtype)}
                              for k, v in outputs.items()]
     created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
@@ -581,7 +720,7 @@ def _write(path: Path, info: ModelInfo, settings: Settings, options: SaveOptions
             "varying_outputs": list(varying),
             "tolerance": {"atol": options.atol, "rtol": options.rtol},
         },
-        "static_findings": loaded.get("static_findings", []),
+        "static_findings": [*loaded.get("static_findings", []), *(loaded.get("untracked_lost") or [])],
         "warnings": warnings,
     }
     if conda is not None:

@@ -16,6 +16,10 @@ ENV_VARS = (
     "TF_ENABLE_XLA", "TF_NUM_INTEROP_THREADS", "TF_NUM_INTRAOP_THREADS", "OMP_NUM_THREADS",
     "TF_FORCE_GPU_ALLOW_GROWTH", "TF_GPU_ALLOCATOR", "NVIDIA_TF32_OVERRIDE",
 )
+# The variables as the process got them, before any framework ran: Keras' jax backend sets
+# TF_FORCE_GPU_ALLOW_GROWTH itself on import, and that is not a setting of the user's.
+# This module is imported before the framework (the worker's prepare imports it first).
+ENV_AT_START = {k: os.environ.get(k) for k in ENV_VARS}
 PACKAGES = ("tensorflow", "tensorflow-cpu", "tensorflow-intel", "tensorflow-macos", "keras",
             "tf-keras", "jax", "jaxlib", "torch", "numpy", "h5py", "ml-dtypes")
 
@@ -43,7 +47,12 @@ def import_keras():  # type: ignore[no-untyped-def]
     try:
         import keras  # type: ignore
         return keras
-    except ImportError:
+    except ImportError as exc:
+        # Only where the keras package is absent (Keras 2 inside TensorFlow). An installed
+        # Keras that fails (its backend missing) must say so, not hide behind tf.keras's lazy
+        # loader, which would fail later and less clearly.
+        if getattr(exc, "name", None) not in (None, "keras") or _dist_version("keras") is not None:
+            raise
         from tensorflow import keras  # type: ignore
         return keras
 
@@ -67,24 +76,53 @@ def keras_backend(keras) -> str:  # type: ignore[no-untyped-def]
     return str(keras.backend.backend())
 
 
+def requested_backend() -> str:
+    """The backend Keras 3 would pick, read as Keras reads it, without importing Keras."""
+    env = os.environ.get("KERAS_BACKEND")
+    if env:
+        return env
+    home = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
+    try:
+        import json
+        with open(os.path.join(home, "keras.json")) as f:
+            return str(json.load(f).get("backend") or "tensorflow")
+    except Exception:
+        return "tensorflow"
+
+
 def framework_facts() -> dict:  # type: ignore[type-arg]
-    keras = import_keras()
-    tf = import_tf()
+    """The framework's facts; where Keras cannot be imported (its backend is missing), those
+    that package metadata gives, and the import error."""
     versions = {}
     for name in PACKAGES:
         v = _dist_version(name)
         if v is not None:
             versions[name] = v
+    try:
+        # tf.keras is a lazy loader that "imports" fine and fails on first use: use it here.
+        keras = import_keras()
+        kv, module, backend = keras_version(keras), keras.__name__, keras_backend(keras)
+        import_error = None
+    except Exception as exc:
+        text = str(exc).strip()
+        import_error = "%s: %s" % (type(exc).__name__, text.splitlines()[0] if text else "")
+        kv = versions.get("tf-keras" if uses_legacy_keras() else "keras") or ""
+        module, backend = None, requested_backend() if kv.startswith("3") else "tensorflow"
+    try:
+        tf = import_tf()
+    except Exception:
+        tf = None
     facts = {
         "versions": versions,
-        "keras_version": keras_version(keras),
-        "keras_major": int(keras_version(keras).split(".")[0] or 0),
-        "keras_module": keras.__name__,
-        "backend": keras_backend(keras),
+        "keras_version": kv,
+        "keras_major": int(kv.split(".")[0] or 0) if kv else None,
+        "keras_module": module,
+        "backend": backend,
         "legacy_keras": uses_legacy_keras(),
         "tensorflow_version": getattr(tf, "__version__", None),
         "tf_build": None,
         "gpus_visible": [],
+        "import_error": import_error,
     }
     if tf is not None:
         try:
@@ -135,10 +173,16 @@ def _op_determinism(tf):  # type: ignore[no-untyped-def]
 
 
 def determinism_facts() -> dict:  # type: ignore[type-arg]
-    keras = import_keras()
-    tf = import_tf()
+    try:
+        keras = import_keras()
+    except Exception:  # its backend is missing: framework_facts says so
+        keras = None
+    try:
+        tf = import_tf()
+    except Exception:
+        tf = None
     facts = {
-        "env": {k: os.environ.get(k) for k in ENV_VARS},
+        "env": dict(ENV_AT_START),
         "hash_randomization": bool(sys.flags.hash_randomization),
         "onednn": _onednn(tf),
         "op_determinism": None,
@@ -190,6 +234,7 @@ def apply_settings(settings: dict) -> list:  # type: ignore[type-arg]
     tf = import_tf()
     applied = []
     if tf is None:
+        apply_dtypes(settings, applied)
         return applied
     cfg = tf.config
     if settings.get("op_determinism"):
@@ -218,14 +263,37 @@ def apply_settings(settings: dict) -> list:  # type: ignore[type-arg]
             applied.append("jit")
         except Exception:
             pass
-    if settings.get("dtype_policy") and settings["dtype_policy"] != "float32":
-        keras = import_keras()
+    apply_dtypes(settings, applied)
+    return applied
+
+
+def apply_dtypes(settings: dict, applied: list, force: bool = False) -> None:  # type: ignore[type-arg]
+    """The global dtype policy and floatx. Unless ``force``, only a value other than Keras'
+    default is applied (a policy set by the environment itself stays, and is reported)."""
+    keras = None
+    for key in ("floatx", "dtype_policy"):
+        value = settings.get(key)
+        if not value or (value == "float32" and not force):
+            continue
         try:
-            if hasattr(getattr(keras, "config", None), "set_dtype_policy"):
-                keras.config.set_dtype_policy(settings["dtype_policy"])
+            keras = keras or import_keras()
+            cfg = getattr(keras, "config", None)
+            if key == "floatx":
+                (cfg.set_floatx if hasattr(cfg, "set_floatx") else keras.backend.set_floatx)(value)
+            elif hasattr(cfg, "set_dtype_policy"):
+                cfg.set_dtype_policy(value)
             else:
-                keras.mixed_precision.set_global_policy(settings["dtype_policy"])
-            applied.append("dtype_policy")
+                keras.mixed_precision.set_global_policy(value)
+            applied.append(key)
         except Exception:
             pass
-    return applied
+
+
+def apply_caller_settings(settings: dict) -> None:  # type: ignore[type-arg]
+    """Settings read from the process that called envlock.save, applied before each load of a
+    (possibly reused) reload worker: dtype policy and floatx always, op determinism when on."""
+    apply_dtypes(settings, [], force=True)
+    if settings.get("op_determinism"):
+        tf = import_tf()
+        with contextlib.suppress(Exception):
+            tf.config.experimental.enable_op_determinism()

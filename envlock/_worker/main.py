@@ -27,6 +27,7 @@ class Worker:
         self.config = None
         self.specs = None
         self._request_id = None
+        self.start_path = list(sys.path)
 
     def emit(self, event: dict) -> None:  # type: ignore[type-arg]
         event = dict(event)
@@ -42,7 +43,10 @@ class Worker:
 
     def op_inventory(self, args):  # type: ignore[no-untyped-def]
         from .inventory import installed
-        return installed()
+        # The path as the interpreter started: importing a framework can extend it (TF 2.15
+        # pulls in setuptools, which puts its own _vendor folder on sys.path), and vendored
+        # copies are no installed distributions.
+        return installed(self.start_path)
 
     def op_prepare(self, args):  # type: ignore[no-untyped-def]
         """Import the framework (the slow part), apply settings, import custom modules."""
@@ -71,6 +75,7 @@ class Worker:
             load_model,
             read_file_config,
             static_findings,
+            untracked_arrays,
         )
         custom = {}
         for name, (module, attr) in (args.get("custom_objects") or {}).items():
@@ -85,6 +90,11 @@ class Worker:
             with contextlib.suppress(Exception):
                 import_keras().backend.clear_session()
         self.path = args["path"]
+        if args.get("caller_settings"):
+            # envlock.save: the training process's global dtype policy, floatx and op
+            # determinism, so that the reloaded model is built as the in-memory one was.
+            from .framework import apply_caller_settings
+            apply_caller_settings(args["caller_settings"])
         if args.get("import_config_modules"):
             # Keras resolves custom objects by registered name; registration happens when their
             # module is imported. At save the file is the user's own, so import what it names.
@@ -98,11 +108,15 @@ class Worker:
         self.specs = input_specs(self.model, self.path, args.get("inputs"))
         described = custom_objects(self.model, self.config, custom)
         add_distributions(described)
+        from .model import honour_stored_jit
+        jit = honour_stored_jit(self.model, self.path)
         return {
+            "jit_compile": jit,
             "load_seconds": time.time() - t0,
             "inputs": self.specs,
             "custom_objects": described,
             "static_findings": static_findings(self.model),
+            "untracked_arrays": untracked_arrays(self.model),
             "file_metadata": file_metadata(self.path),
         }
 
@@ -117,6 +131,14 @@ class Worker:
     def op_stored_weights(self, args):  # type: ignore[no-untyped-def]
         from .model import stored_weights
         return stored_weights(args.get("path") or self.path)
+
+    def op_random_layer(self, args):  # type: ignore[no-untyped-def]
+        import numpy as np
+
+        from .model import random_layer
+        with np.load(args["input"], allow_pickle=False) as npz:
+            inputs = {k: npz[k] for k in npz.files}
+        return {"layer": random_layer(self._need_model(), inputs)}
 
     def op_make_probe(self, args):  # type: ignore[no-untyped-def]
         import numpy as np

@@ -66,6 +66,35 @@ def load_model(path: str, safe_mode: bool = True, custom_objects=None):  # type:
                             cause=cause) from None
 
 
+def stored_jit_compile(path: str):  # type: ignore[no-untyped-def]
+    """jit_compile as model.compile() stored it in a .keras file (None: not stored)."""
+    if model_format(path) != "keras":
+        return None
+    try:
+        with zipfile.ZipFile(path) as zf:
+            cfg = json.loads(zf.read("config.json"))
+    except Exception:
+        return None
+    return ((cfg or {}).get("compile_config") or {}).get("jit_compile")
+
+
+def honour_stored_jit(model, path: str):  # type: ignore[no-untyped-def]
+    """Loading with compile=False drops the jit_compile a .keras file stores; predict as the
+    saved model did. Returns {"stored", "effective", "honoured"} (effective: what predict uses)."""
+    stored = stored_jit_compile(path)
+    honoured = None
+    if isinstance(stored, bool) and hasattr(model, "jit_compile"):
+        try:
+            if model.jit_compile != stored:
+                model.jit_compile = stored
+            honoured = True
+        except Exception:
+            honoured = False
+    effective = getattr(model, "jit_compile", None)
+    return {"stored": stored, "effective": effective if isinstance(effective, bool) else None,
+            "honoured": honoured}
+
+
 _MISSING_MARKERS = ("could not locate", "unknown layer", "unknown object", "no module named",
                     "custom_objects")
 
@@ -368,6 +397,45 @@ def static_findings(model) -> list:  # type: ignore[no-untyped-def,type-arg]
                 findings.append({"code": "random_layers_active", "layer": layer.name,
                                  "evidence": "%s is random at inference" % type(layer).__name__})
     return findings
+
+
+def untracked_arrays(model) -> list:  # type: ignore[no-untyped-def,type-arg]
+    """numpy arrays held by layers as plain attributes: not variables, so not in the file.
+    Drawn at construction (np.random in __init__), they are other arrays at every load."""
+    out = []
+    for layer in _all_layers(model):
+        for attr, value in sorted(getattr(layer, "__dict__", {}).items()):
+            if attr.startswith("__") or not isinstance(value, np.ndarray) or value.size < 2 \
+                    or value.dtype.kind not in "fciub":
+                continue
+            out.append({"layer": getattr(layer, "name", type(layer).__name__), "attribute": attr,
+                        "class": type(layer).__name__, "shape": [int(d) for d in value.shape],
+                        "dtype": str(value.dtype), "sha256": array_sha256(value)})
+    return out
+
+
+def random_layer(model, inputs):  # type: ignore[no-untyped-def]
+    """The first layer (in the model's order) whose output differs between two calls on the
+    same inputs in inference mode: a random op in call() that ignores ``training``. None when
+    the model is not a functional graph whose layers can be called one by one, or none differs."""
+    keras = import_keras()
+    ins = getattr(model, "inputs", None)
+    if not ins:
+        return None
+    x = next(iter(inputs.values())) if len(inputs) == 1 else [inputs[k] for k in inputs]
+    for layer in getattr(model, "layers", []):
+        if type(layer).__name__ == "InputLayer":
+            continue
+        try:
+            sub = keras.Model(ins, layer.output)
+            a, b = sub(x, training=False), sub(x, training=False)
+            flat_a = a if isinstance(a, (list, tuple)) else [a]
+            flat_b = b if isinstance(b, (list, tuple)) else [b]
+            if any(not np.array_equal(as_array(u), as_array(v)) for u, v in zip(flat_a, flat_b)):
+                return layer.name
+        except Exception:
+            return None
+    return None
 
 
 # -- specs -------------------------------------------------------------------------------

@@ -1,0 +1,527 @@
+"""Fidelity (issue 12): the right cause in every real case, and a reference that is what the
+training process predicted.
+
+Each test builds its situation for real: a model trained, then a real change (a layer renamed in
+code and its weights loaded by name, a policy set by the training script, a layer holding random
+numpy state, a shell variable, a backend that is not installed). It asserts the cause ranked first
+or second, the evidence and a fix that says what to do. GPU facts come from recorded real
+nvidia-smi output, as in tests/test_gpu.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from conftest import requires_tf
+from test_check import (
+    ROOT,
+    causes,
+    check_json,
+    envlock_cli,
+    finding,
+    new_project,
+    python_in,
+    save,
+    uv,
+)
+from test_gpu import make_fake_nvidia_smi
+from test_legacy import Stack, tf215, train_and_save  # noqa: F401  (tf215: a session fixture)
+
+from envlock.compare import compare_outputs
+
+pytestmark = [requires_tf, pytest.mark.skipif(not sys.platform.startswith("linux"),
+                                             reason="Linux venv layout, a POSIX fake nvidia-smi")]
+
+
+def strict_json(text: str) -> Any:
+    """json.loads that refuses Infinity and NaN, as strict parsers (JavaScript, Go) do."""
+    def refuse(name: str) -> Any:
+        raise ValueError(f"bare {name} in JSON")
+    return json.loads(text, parse_constant=refuse)
+
+
+def run_script(root: Path, name: str, source: str, *args: str, python: Path | str = sys.executable,
+               env: dict[str, str] | None = None) -> str:
+    (root / name).write_text(source)
+    p = subprocess.run([str(python), name, *args], cwd=root, env={**os.environ, **(env or {})},
+                       capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return p.stdout
+
+
+# --- 12.1 and 12.10: a changed file, compared variable by variable ------------------------------
+
+RENAMED_H5 = """\
+import sys
+import keras
+import numpy as np
+
+keras.utils.set_random_seed(0)
+
+
+def build(out):
+    inp = keras.Input((4,), name="features")
+    x = keras.layers.Dense(8, activation="tanh", name="hidden")(inp)
+    return keras.Model(inp, keras.layers.Dense(2, name=out)(x))
+
+
+if sys.argv[1] == "train":
+    m = build("logits")
+    m.compile(optimizer="adam", loss="mse")
+    X = np.random.default_rng(0).standard_normal((64, 4)).astype("float32")
+    m.fit(X, X[:, :2] * 3.0, epochs=2, verbose=0)
+else:  # rebuilt in code with the output layer renamed, the weights loaded by name
+    m = build("scores")
+    m.load_weights("model.h5", by_name=True, skip_mismatch=True)
+m.save("model.h5")
+"""
+
+
+@pytest.mark.slow
+def test_changed_file_names_the_layer_left_at_initial_values(tmp_path: Path) -> None:
+    """A legacy .h5 rebuilt in code with its output layer renamed and load_weights(by_name=True,
+    skip_mismatch=True): that layer silently keeps its initial weights, and the file is saved
+    over the original. check compares the new file's variables with the recorded ones."""
+    root = new_project(tmp_path / "renamed")
+    run_script(root, "make.py", RENAMED_H5, "train")
+    save(root / "model.h5")
+    run_script(root, "make.py", RENAMED_H5, "rebuild")
+    res = envlock_cli("check", "model.h5", "--json", "--strategy", "current", cwd=root)
+    doc = strict_json(res.stdout)
+    assert res.returncode == 1 and doc["status"] == "mismatch"
+    assert causes(doc)[:2] == ["weights_not_restored", "model_file_changed"]
+    lost = finding(doc, "weights_not_restored")
+    assert lost["details"]["layers"] == ["scores"] and lost["details"]["variables"] == ["scores/bias"]
+    assert lost["details"]["renamed"] == {"logits": "scores"}
+    assert "by_name" in lost["fix"] and "layer names they were saved with" in lost["fix"]
+    changed = finding(doc, "model_file_changed")
+    assert changed["details"]["unchanged"] == ["hidden"] and changed["details"]["changed"] == ["scores"]
+    assert "logits → scores" in changed["summary"]
+    for f in doc["findings"]:  # saving again would lock the damage in: no fix may suggest it
+        assert "envlock save" not in f["fix"] and "save it again" not in f["fix"]
+    # The renamed output is compared all the same, not reported "missing".
+    (out,) = doc["outputs"]
+    assert out["name"] == "logits" and out["note"] == "renamed: this model calls it 'scores'"
+    assert out["max_abs_diff"] > 0 and out["actual_shape"] == [16, 2]
+
+
+def test_output_missing_names_what_is_there_and_json_has_no_infinity() -> None:
+    ref = {"logits": np.zeros((2, 2), "float32"), "aux": np.zeros((2,), "float32")}
+    (a, b) = compare_outputs(ref, {"logits": np.zeros((2, 2), "float32")}, atol=1e-6, rtol=1e-5)
+    assert a.status == "identical" and b.status == "mismatch"
+    assert b.note == "output missing (this model's outputs: 'logits')"
+    doc = b.to_json()
+    assert doc["max_abs_diff"] is None and doc["max_rel_diff"] is None
+    strict_json(json.dumps(doc))
+    (c,) = compare_outputs({"y": np.zeros((2, 2))}, {"y": np.zeros((3, 2))}, atol=1e-6, rtol=1e-5)
+    assert c.note == "shapes differ" and c.to_json()["max_abs_diff"] is None
+
+
+# --- 12.2, 12.3, 12.4: envlock.save's reference is what the model in memory predicts -------------
+
+API_SAVE = r'''
+import json, sys
+import keras, numpy as np
+import envlock
+
+variant = sys.argv[1]
+keras.utils.set_random_seed(0)
+
+
+@keras.saving.register_keras_serializable(package="fid")
+class Bucketize(keras.layers.Layer):
+    """Bin boundaries set after construction (like adapt()), and not in get_config: lost on reload."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.boundaries = [0.0]
+
+    def call(self, x):
+        return keras.ops.cast(keras.ops.digitize(x, self.boundaries), "float32")
+
+
+@keras.saving.register_keras_serializable(package="fid")
+class Affine(keras.layers.Layer):
+    """get_config drops the dtype policy: a reload builds it with the global policy."""
+
+    def __init__(self, units=3, **kwargs):
+        super().__init__(**kwargs)
+        self.units = units
+
+    def build(self, shape):
+        self.k = self.add_weight(shape=(shape[-1], self.units), initializer="glorot_uniform", name="k")
+
+    def call(self, x):
+        return keras.ops.matmul(x, self.k)
+
+    def get_config(self):
+        return {"name": self.name, "units": self.units}
+
+
+if variant == "mixed":
+    keras.config.set_dtype_policy("mixed_float16")
+inp = keras.Input((4,), name="features")
+if variant.startswith("bucket"):
+    b = Bucketize(name="bucketize")
+    b.boundaries = [-1.0, -0.25, 0.25, 1.0]
+    x = b(inp)
+    y = keras.layers.Dense(2, name="logits")(x)
+elif variant == "mixed":
+    y = Affine(2, name="affine")(keras.layers.Dense(8, name="hidden")(inp))
+else:  # jit: compiled with jit_compile=True, as a training script does
+    y = keras.layers.Dense(2, name="logits")(keras.layers.Dense(16, activation="gelu", name="hidden")(inp))
+model = keras.Model(inp, y)
+model.compile(optimizer="adam", loss="mse", jit_compile=variant == "jit")
+X = np.random.default_rng(0).standard_normal((64, 4)).astype("float32")
+model.fit(X, np.tanh(X[:, :2]) * 3.0, epochs=2, verbose=0)
+probe = np.random.default_rng(5).standard_normal((24, 4)).astype("float32")
+mine = model.predict(probe, verbose=0)
+np.save("in_memory.npy", mine)
+try:
+    r = envlock.save(model, "api.keras", probe=probe, allow_mismatch=variant == "bucket-allow")
+except Exception as exc:
+    print(json.dumps({"error": type(exc).__name__, "message": str(exc)}))
+else:
+    print(json.dumps(r.to_json()))
+'''
+
+
+def api_save(root: Path, variant: str) -> dict[str, Any]:
+    out = run_script(root, "api_save.py", API_SAVE, variant)
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def reference_of(model: Path) -> dict[str, np.ndarray]:
+    with np.load(model.parent / f"{model.name}.envlock" / "probe.npz", allow_pickle=False) as npz:
+        return {k[len("output__"):]: npz[k] for k in npz.files if k.startswith("output__")}
+
+
+def manifest_of(model: Path) -> dict[str, Any]:
+    return json.loads((model.parent / f"{model.name}.envlock" / "envlock.json").read_text())
+
+
+@pytest.mark.slow
+def test_api_save_refuses_a_reload_that_lost_state(tmp_path: Path) -> None:
+    """Bin boundaries outside the config come back as the defaults: the weights compare equal,
+    the predictions do not. Refused; with allow_mismatch the reference is the in-memory model's."""
+    root = new_project(tmp_path / "bucket")
+    doc = api_save(root, "bucket")
+    assert doc["error"] == "MismatchError", doc
+    assert "loaded back predicts other values than the model in memory" in doc["message"]
+    assert not (root / "api.keras.envlock").exists()
+
+    allowed = api_save(root, "bucket-allow")
+    assert "error" not in allowed, allowed
+    assert any("the reference is the model in memory's predictions" in w for w in allowed["warnings"])
+    ref = reference_of(root / "api.keras")
+    assert np.array_equal(ref["logits"], np.load(root / "in_memory.npy"))
+    # The file still loads wrong: run refuses it, naming the mismatch (the reference is honest).
+    np.save(root / "x.npy", np.random.default_rng(5).standard_normal((24, 4)).astype("float32"))
+    res = envlock_cli("run", "api.keras", "--input", "x.npy", "--strategy", "current", cwd=root)
+    assert res.returncode == 1 and "do not match the lock" in res.stderr
+
+
+def test_api_save_records_the_training_process_policy(tmp_path: Path) -> None:
+    """A training script under mixed_float16 with a layer whose get_config drops its dtype: the
+    reference is what the in-memory (mixed precision) model predicts, the policy is recorded,
+    and check re-applies it: identical, no finding."""
+    root = new_project(tmp_path / "mixed")
+    doc = api_save(root, "mixed")
+    assert "error" not in doc, doc
+    m = manifest_of(root / "api.keras")
+    assert m["determinism"]["dtype_policy"] == "mixed_float16"
+    ref = reference_of(root / "api.keras")
+    mine = np.load(root / "in_memory.npy")
+    assert mine.dtype == np.float16 and ref["affine"].dtype == np.float16
+    assert np.array_equal(ref["affine"], mine)
+    same = check_json(root / "api.keras", "--strategy", "current")
+    assert same["status"] == "identical" and same["findings"] == [], same
+
+
+def test_api_save_honours_stored_jit_compile(tmp_path: Path) -> None:
+    """compile(jit_compile=True) is stored in the .keras file: the reference is made with it (as
+    the in-memory model predicted), it is recorded, check honours it again."""
+    root = new_project(tmp_path / "jit")
+    doc = api_save(root, "jit")
+    assert "error" not in doc, doc
+    m = manifest_of(root / "api.keras")
+    assert m["model"]["stored_jit_compile"] is True and m["model"]["jit_compile"] is True
+    assert np.array_equal(reference_of(root / "api.keras")["logits"], np.load(root / "in_memory.npy"))
+    same = check_json(root / "api.keras", "--strategy", "current")
+    assert same["status"] == "identical" and same["findings"] == [], same
+    # Recompiled without XLA and saved over the file: the same weights, predicted without jit.
+    python_in(root, "import keras\nm = keras.models.load_model('api.keras')\n"
+              "m.compile(optimizer='adam', loss='mse', jit_compile=False)\nm.save('api.keras')\n")
+    doc = check_json(root / "api.keras", "--strategy", "current")
+    assert causes(doc)[:2] == ["xla_differs", "model_file_changed"]
+    xla = finding(doc, "xla_differs")
+    assert xla["evidence"]["recorded"]["model_jit_compile"] is True
+    assert xla["evidence"]["current"]["model_jit_compile"] is False
+    assert "jit_compile = True" in xla["fix"]
+    assert finding(doc, "model_file_changed")["details"]["changed"] == []
+
+
+# --- 12.9: random state that no file keeps ------------------------------------------------------
+
+RANDOM_STATE = '''\
+import keras
+import numpy as np
+
+
+@keras.saving.register_keras_serializable(package="rs")
+class RandomProjection(keras.layers.Layer):
+    """A fixed random projection drawn in __init__ as a numpy array: not a weight, not saved."""
+
+    def __init__(self, units=4, **kwargs):
+        super().__init__(**kwargs)
+        self.units = units
+        self.projection = np.random.standard_normal((4, units)).astype("float32")
+
+    def call(self, x):
+        return keras.ops.matmul(x, self.projection)
+
+    def get_config(self):
+        return {**super().get_config(), "units": self.units}
+'''
+
+RANDOM_MODEL = """\
+import sys
+import keras
+import rslayers
+inp = keras.Input((4,), name="features")
+x = rslayers.RandomProjection(4, name="projection")(inp)
+keras.Model(inp, keras.layers.Dense(2, name="logits")(x)).save(sys.argv[1])
+"""
+
+
+def test_random_state_outside_the_weights_is_named(tmp_path: Path) -> None:
+    root = new_project(tmp_path / "rs", rslayers=RANDOM_STATE, make_rs=RANDOM_MODEL)
+    python_in(root, "import subprocess, sys; subprocess.run([sys.executable, 'make_rs.py', 'rs.keras'], "
+              "check=True)")
+    saved = save(root / "rs.keras")
+    # save loads the file twice: the array differs, so it warns, naming the layer.
+    assert any("layer projection" in w and "RandomProjection.projection" in w and "add_weight" in w
+               for w in saved["warnings"]), saved["warnings"]
+    doc = check_json(root / "rs.keras", "--strategy", "current")
+    assert doc["status"] == "mismatch"
+    assert causes(doc)[0] == "nondeterministic_model"
+    f = finding(doc, "nondeterministic_model")
+    assert "projection.projection" in f["summary"] and f["details"]["layers"] == ["projection"]
+    assert "add_weight" in f["fix"] and "projection.projection" in f["fix"]
+
+
+def test_random_op_in_call_is_named_at_save_and_in_the_fix(tmp_path: Path) -> None:
+    """A custom layer that calls its Dropout with training=True: save finds which layer's output
+    differs between two calls and names it; check's fix names it too."""
+    from test_check import NOISY_MODEL, NOISY_MODULE
+
+    root = new_project(tmp_path / "noisy", noisy=NOISY_MODULE, make_noisy=NOISY_MODEL)
+    subprocess.run([sys.executable, "make_noisy.py", "noisy.keras"], cwd=root, check=True,
+                   capture_output=True, timeout=600)
+    saved = save(root / "noisy.keras")
+    assert saved["probe_repeatable"] is False
+    assert any("layer always_dropout is random at inference" in w for w in saved["warnings"])
+    doc = check_json(root / "noisy.keras", "--strategy", "current")
+    assert causes(doc)[:2] == ["random_layers_active", "nondeterministic_model"]
+    active = finding(doc, "random_layers_active")
+    assert active["evidence"]["current"] == "always_dropout" and "ignores `training`" in active["summary"]
+    assert "always_dropout" in finding(doc, "nondeterministic_model")["fix"]
+
+
+# --- 12.5: shell variables, oneDNN's effective state, a backend that is not there ---------------
+
+
+def test_shell_variables_differing_from_the_record_are_reported(saved_tiny: Path) -> None:
+    """The shell turns oneDNN off; check applies the recorded (effective) state, gives the same
+    bits, and says what the shell would have changed, with both values."""
+    m = manifest_of(saved_tiny)
+    effective = m["determinism"]["onednn"]["effective"]
+    assert isinstance(effective, bool)
+    shell = "0" if effective else "1"
+    doc = check_json(saved_tiny, "--strategy", "current", env={"TF_ENABLE_ONEDNN_OPTS": shell})
+    assert doc["status"] == "identical" and doc["findings"] == []
+    (note,) = doc["notes"]
+    assert note["variables"]["TF_ENABLE_ONEDNN_OPTS"] == {
+        "recorded": m["determinism"]["env"]["TF_ENABLE_ONEDNN_OPTS"], "shell": shell,
+        "recorded_effective": effective}
+    human = envlock_cli("check", str(saved_tiny), "--strategy", "current", cwd=saved_tiny.parent,
+                        env={"TF_ENABLE_ONEDNN_OPTS": shell})
+    assert human.returncode == 0 and "TF_ENABLE_ONEDNN_OPTS" in human.stdout
+
+
+@pytest.mark.slow
+def test_op_determinism_and_threads_differ(tmp_path: Path) -> None:
+    """Saved from a shell with TF_DETERMINISTIC_OPS=1 and TF_NUM_INTRAOP_THREADS=1; checked with
+    this shell's settings (--no-recorded-env), which have neither."""
+    root = new_project(tmp_path / "det")
+    subprocess.run([sys.executable, "train.py", "model.keras"], cwd=root, check=True, capture_output=True,
+                   timeout=600)
+    save(root / "model.keras", env={"TF_DETERMINISTIC_OPS": "1", "TF_NUM_INTRAOP_THREADS": "1"})
+    doc = check_json(root / "model.keras", "--strategy", "current", "--no-recorded-env",
+                     unset=["TF_DETERMINISTIC_OPS", "TF_NUM_INTRAOP_THREADS"])
+    assert causes(doc) == ["op_determinism_off", "threads_differ"]
+    det = finding(doc, "op_determinism_off")
+    assert det["evidence"]["recorded"]["TF_DETERMINISTIC_OPS"] == "1"
+    assert det["evidence"]["current"]["TF_DETERMINISTIC_OPS"] is None
+    assert "TF_DETERMINISTIC_OPS=1" in det["fix"]
+    threads = finding(doc, "threads_differ")
+    assert threads["evidence"]["recorded"]["TF_NUM_INTRAOP_THREADS"] == "1"
+    assert threads["evidence"]["current"]["TF_NUM_INTRAOP_THREADS"] is None
+    assert "TF_NUM_INTRAOP_THREADS=1" in threads["fix"]
+
+
+@pytest.fixture(scope="session")
+def tf32_off_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An interpreter whose site start-up turns TensorFloat-32 off (a .pth file, as a site-wide
+    customisation does), seeing this dev venv's packages. Its python."""
+    venv = tmp_path_factory.mktemp("tf32-site") / "venv"
+    uv("venv", "-q", "--python", sys.executable, str(venv))
+    (site,) = venv.glob("lib/python*/site-packages")
+    (site / "00_dev_site.pth").write_text(
+        f"import site; site.addsitedir({sysconfig.get_paths()['purelib']!r})\n")
+    (site / "zz_tf32.pth").write_text(
+        "import tensorflow as tf; tf.config.experimental.enable_tensor_float_32_execution(False)\n")
+    return venv / "bin" / "python"
+
+
+@pytest.mark.slow
+def test_tf32_differs_on_a_recorded_h100(project: Path, tmp_path: Path, tf32_off_site: Path) -> None:
+    """Saved and checked where nvidia-smi answers with a real H100 recording; TF32 on at save
+    (TensorFlow's default), off in the checking interpreter's own start-up."""
+    sidecar = project.parent / "model.keras.envlock"
+    shutil.rmtree(sidecar)
+    fake = make_fake_nvidia_smi(tmp_path / "fake-bin", table="h100-mig-590.48.01.table.txt",
+                                query="h100-mig-590.48.01.query.csv")
+    path = {"PATH": os.pathsep.join([str(fake.parent), os.environ["PATH"]])}
+    save(project, env=path)
+    assert manifest_of(project)["determinism"]["tf32"] is True
+    doc = check_json(project, "--strategy", "current", "--no-recorded-env", python=tf32_off_site, env=path)
+    assert causes(doc)[0] == "tf32_differs"
+    f = finding(doc, "tf32_differs")
+    assert f["evidence"] == {"recorded": True, "current": False}
+    assert "enable_tensor_float_32_execution(True)" in f["fix"]
+
+
+@pytest.fixture
+def project(saved_tiny: Path, tmp_path: Path) -> Path:
+    from test_check import copy_project
+
+    return copy_project(saved_tiny, tmp_path / "tiny")
+
+
+# --- a Keras 3 jax environment (no TensorFlow in it) ---------------------------------------------
+
+JAX_TRAIN = """\
+import sys
+import keras
+import numpy as np
+keras.utils.set_random_seed(0)
+inp = keras.Input((4,), name="features")
+x = keras.layers.Dense(8, activation="relu", name="hidden")(inp)
+model = keras.Model(inp, keras.layers.Dense(2, name="logits")(x))
+model.compile(optimizer="adam", loss="mse")
+X = np.random.default_rng(0).standard_normal((64, 4)).astype("float32")
+model.fit(X, X[:, :2] * 3.0, epochs=2, verbose=0)
+model.save(sys.argv[1])
+"""
+
+
+@pytest.fixture(scope="session")
+def jax_saved(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A venv with keras + jax (CPU) and this checkout's envlock, no TensorFlow; a model trained
+    and `envlock save`d there with KERAS_BACKEND=jax. (its python, the model)"""
+    from importlib import metadata
+
+    root = tmp_path_factory.mktemp("jax")
+    venv = root / "venv"
+    py = venv / "bin" / "python"
+    uv("venv", "-q", "--python", sys.executable, str(venv))
+    uv("pip", "install", "-q", "--python", str(py), f"keras=={metadata.version('keras')}", "jax[cpu]",
+       "-e", str(ROOT))
+    project = root / "project"
+    project.mkdir()
+    env = {"KERAS_BACKEND": "jax"}
+    run_script(project, "train.py", JAX_TRAIN, "model.keras", python=py, env=env)
+    save(project / "model.keras", python=py, env=env)
+    return py, project / "model.keras"
+
+
+@pytest.mark.slow
+def test_jax_env_unchanged_ten_times_and_backend_missing_elsewhere(jax_saved: tuple[Path, Path]) -> None:
+    py, model = jax_saved
+    m = manifest_of(model)
+    assert m["framework"]["backend"] == "jax" and m["determinism"]["env"]["KERAS_BACKEND"] == "jax"
+    assert "tensorflow" not in (m["framework"].get("versions") or {})
+    # Ten checks in the jax environment itself: identical, no finding (no threads_differ).
+    out = python_in(model.parent, "import json, envlock.checking as c\n"
+                    "docs = [c.check('model.keras', strategy='current').to_json() for _ in range(10)]\n"
+                    "print(json.dumps([(d['status'], d['findings'], d['notes']) for d in docs]))\n",
+                    python=py, env={"KERAS_BACKEND": "jax"})
+    runs = json.loads(out.strip().splitlines()[-1])
+    assert runs == [["identical", [], []]] * 10
+    # From this TensorFlow environment, where jax is not installed: backend_differs names it.
+    doc = check_json(model, "--strategy", "current")
+    assert doc["status"] == "error"
+    assert causes(doc)[0] == "backend_differs"
+    f = finding(doc, "backend_differs")
+    assert f["evidence"] == {"recorded": "jax", "current": None}
+    assert "jax" in f["details"]["missing_packages"] and "install jax==" in f["fix"]
+    assert "threads_differ" not in causes(doc)
+
+
+# --- 12.6: a model that does not load still gets the environment's facts ------------------------
+
+LSTM_TRAIN = """\
+import sys
+import numpy as np
+import tensorflow as tf
+keras = tf.keras
+tf.random.set_seed(0)
+inp = keras.Input((5, 3), name="seq")
+x = keras.layers.LSTM(4, name="lstm")(inp)
+model = keras.Model(inp, keras.layers.Dense(2, name="logits")(x))
+model.compile(optimizer="adam", loss="mse")
+X = np.random.default_rng(0).standard_normal((32, 5, 3)).astype("float32")
+model.fit(X, X[:, 0, :2], epochs=1, verbose=0)
+model.save(sys.argv[1])
+"""
+
+
+@pytest.mark.slow
+def test_keras2_lstm_that_does_not_load_still_names_keras(tf215: Stack,  # noqa: F811
+                                                          tmp_path: Path) -> None:
+    """A Keras 2 LSTM .h5 (time_major in its config) does not load under Keras 3: the facts are
+    gathered without the model, so keras_major_differs ranks first, not the Python version."""
+    stack = tf215
+    folder = tmp_path / "lstm"
+    folder.mkdir()
+    run_script(folder, "train.py", LSTM_TRAIN, "lstm.h5", python=stack.python)
+    stack.envlock("save", "lstm.h5", cwd=folder)
+    doc = check_json(folder / "lstm.h5", "--strategy", "current")
+    assert doc["status"] == "error" and doc["error"]
+    assert causes(doc)[0] == "keras_major_differs"
+    f = finding(doc, "keras_major_differs")
+    assert f["evidence"]["recorded"].startswith("2.15.") and f["evidence"]["current"].startswith("3.")
+    assert "envlock run" in f["fix"]
+
+
+@pytest.mark.slow
+def test_keras2_env_unchanged_ten_times(tf215: Stack, tmp_path: Path) -> None:  # noqa: F811
+    """tests/projects/legacy trained and saved in Python 3.10 / TensorFlow 2.15 (Keras 2), then
+    checked there ten times: identical, no finding, no note."""
+    saved = train_and_save(tf215, tmp_path / "legacy", "model.h5")
+    out = tf215.run(tf215.python, "-c",
+                    "import json, envlock.checking as c\n"
+                    "docs = [c.check('model.h5', strategy='current').to_json() for _ in range(10)]\n"
+                    "print(json.dumps([(d['status'], d['findings'], d['notes']) for d in docs]))\n",
+                    cwd=saved.model.parent).stdout
+    assert json.loads(out.strip().splitlines()[-1]) == [["identical", [], []]] * 10
