@@ -716,8 +716,10 @@ def _report(code: int, message: str, *, hint: str | None = None, cause: str | No
 
 def _report_error(err: EnvlockError, debug: bool, *, as_json: bool = False) -> int:
     log_tail = getattr(err, "log_tail", "") if debug else ""
+    # err.message, not str(err): str() adds the hint for API users; here it has a line of its own.
+    full = (err.message + "\n" + log_tail) if log_tail else err.message
     return _report(err.exit_code, err.message, hint=err.hint, cause=err.cause, kind=type(err).__name__,
-                   as_json=as_json, debug=debug, full=(err.message + "\n" + log_tail) if log_tail else err.message)
+                   as_json=as_json, debug=debug, full=full)
 
 
 def _os_error_code(exc: OSError) -> int:

@@ -32,8 +32,8 @@ from envlock._worker.fingerprint import compare_fingerprints, compare_with_store
 from envlock._worker.framework import ENV_VARS
 from envlock._worker.inventory import installed
 from envlock.arrayfiles import save_npz
-from envlock.errors import InputArrayError, MismatchError, ModelFileError, WeightsNotRestoredError
-from envlock.fs import log_dir, preflight_save
+from envlock.errors import InputArrayError, MismatchError, WeightsNotRestoredError
+from envlock.fs import check_readable, log_dir, preflight_save
 from envlock.gpu import cuda_env_facts, gpu_facts
 from envlock.hostfacts import platform_facts, python_facts
 from envlock.index import IndexClient
@@ -300,8 +300,9 @@ def _lock(path: Path, settings: Settings, options: SaveOptions, workdir: Path, m
     stage = on_stage or (lambda s: None)
     t0 = time.perf_counter()
     seconds: dict[str, float] = {}
-    if not path.exists():  # the rest of inspect_model's checks run while the worker starts
-        raise ModelFileError(path, "no such file or directory")
+    # Missing, a link loop, unreadable: said now; the rest of inspect_model's checks run while
+    # the worker starts.
+    check_readable(path, "model", folder_ok=True)
     if options.probe is not None and not options.probe.is_file():
         raise InputArrayError(f"{options.probe}: no such probe file")
     preflight_save(path, options.probe)  # found now, not after the whole save has run
