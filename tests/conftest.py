@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 
@@ -98,3 +99,30 @@ def saved_tiny(tiny_project: Path) -> Path:
     res = run_cli("save", "model.keras", cwd=tiny_project)
     assert res.returncode == 0, res.stderr
     return tiny_project / "model.keras"
+
+
+# --- environments several test files share, built once per session ---------------------------------
+# (A fixture imported into a test module is another fixture there: defined here, each is built once.)
+
+
+@pytest.fixture(scope="session")
+def tf215(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A Python 3.10 venv with tensorflow-cpu 2.15 (Keras 2) and envlock from this checkout."""
+    from test_legacy import build_stack
+
+    return build_stack(tmp_path_factory.mktemp("stacks"), "py310-tf215", "3.10", ["tensorflow-cpu==2.15.1"])
+
+
+@pytest.fixture(scope="session")
+def host_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A venv with envlock installed from this checkout (a wheel, no extras): no TensorFlow."""
+    from test_run import ROOT, UV, _env
+
+    if UV is None:
+        pytest.skip("uv is not installed")
+    venv = tmp_path_factory.mktemp("host") / "venv"
+    subprocess.run([UV, "venv", "-q", str(venv), "--python", sys.executable], check=True,
+                   capture_output=True, timeout=300)
+    subprocess.run([UV, "pip", "install", "-q", "--python", str(venv / "bin" / "python"), str(ROOT)],
+                   check=True, capture_output=True, timeout=600, env=_env())
+    return venv

@@ -34,7 +34,7 @@ import numpy as np
 import pytest
 from conftest import load_localindex, requires_tf, run_cli
 from test_legacy import Stack, build_stack
-from test_run import UV, _env, host_venv  # noqa: F401  (host_venv is a fixture used below)
+from test_run import UV, _env
 
 pytestmark = [requires_tf]
 
@@ -179,7 +179,7 @@ def _check_clean(doc: dict[str, Any]) -> None:
 
 @pytest.mark.slow
 def test_unregistered_class_of_an_installed_package_and_a_registering_module(
-        zz_saved: tuple[Stack, Path], zz_index: Any, host_venv: Path, tmp_path: Path) -> None:  # noqa: F811
+        zz_saved: tuple[Stack, Path], zz_index: Any, host_venv: Path, tmp_path: Path) -> None:
     stack, model = zz_saved
     m = _manifest(model)
     by_name = {c["qualname"]: c for c in m["custom_objects"]}
@@ -289,7 +289,7 @@ envlock.save(model, "model.keras", probe=x[:32])
 
 
 @pytest.mark.slow
-def test_layers_and_functions_of_the_training_script(host_venv: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_layers_and_functions_of_the_training_script(host_venv: Path, tmp_path: Path) -> None:
     project = tmp_path / "project"
     project.mkdir()
     (project / "textutils.py").write_text(TEXTUTILS)

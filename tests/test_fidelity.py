@@ -34,7 +34,7 @@ from test_check import (
     uv,
 )
 from test_gpu import make_fake_nvidia_smi
-from test_legacy import Stack, tf215, train_and_save  # noqa: F401  (tf215: a session fixture)
+from test_legacy import Stack, train_and_save
 
 from envlock.compare import compare_outputs
 
@@ -497,7 +497,7 @@ model.save(sys.argv[1])
 
 
 @pytest.mark.slow
-def test_keras2_lstm_that_does_not_load_still_names_keras(tf215: Stack,  # noqa: F811
+def test_keras2_lstm_that_does_not_load_still_names_keras(tf215: Stack,
                                                           tmp_path: Path) -> None:
     """A Keras 2 LSTM .h5 (time_major in its config) does not load under Keras 3: the facts are
     gathered without the model, so keras_major_differs ranks first, not the Python version."""
@@ -515,7 +515,7 @@ def test_keras2_lstm_that_does_not_load_still_names_keras(tf215: Stack,  # noqa:
 
 
 @pytest.mark.slow
-def test_keras2_env_unchanged_ten_times(tf215: Stack, tmp_path: Path) -> None:  # noqa: F811
+def test_keras2_env_unchanged_ten_times(tf215: Stack, tmp_path: Path) -> None:
     """tests/projects/legacy trained and saved in Python 3.10 / TensorFlow 2.15 (Keras 2), then
     checked there ten times: identical, no finding, no note."""
     saved = train_and_save(tf215, tmp_path / "legacy", "model.h5")

@@ -159,11 +159,6 @@ def interpreter_version(python: str | Path) -> str:
 
 
 @pytest.fixture(scope="session")
-def tf215(tmp_path_factory: pytest.TempPathFactory) -> Stack:
-    return build_stack(tmp_path_factory.mktemp("stacks"), "py310-tf215", "3.10", ["tensorflow-cpu==2.15.1"])
-
-
-@pytest.fixture(scope="session")
 def tf215_models(tf215: Stack, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Saved]:
     folder = tmp_path_factory.mktemp("legacy-project")
     return {name: train_and_save(tf215, folder, name) for name in ("model.h5", "savedmodel")}

@@ -171,19 +171,6 @@ def big_input(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return p
 
 
-@pytest.fixture(scope="session")
-def host_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A venv with envlock installed from this checkout (a wheel, no extras): no TensorFlow."""
-    if UV is None:
-        pytest.skip("uv is not installed")
-    venv = tmp_path_factory.mktemp("host") / "venv"
-    subprocess.run([UV, "venv", "-q", str(venv), "--python", sys.executable], check=True,
-                   capture_output=True, timeout=300)
-    subprocess.run([UV, "pip", "install", "-q", "--python", str(venv / "bin" / "python"), str(ROOT)],
-                   check=True, capture_output=True, timeout=600, env=_env())
-    return venv
-
-
 # --- 1. a host without TensorFlow -----------------------------------------------------------------
 
 

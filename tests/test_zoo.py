@@ -27,8 +27,8 @@ from typing import Any
 import numpy as np
 import pytest
 from conftest import requires_tf, run_cli
-from test_legacy import Stack, tf215  # noqa: F401  (session fixture: Python 3.10 + TF 2.15)
-from test_run import UV, host_venv  # noqa: F401  (session fixture: a host venv without TensorFlow)
+from test_legacy import Stack
+from test_run import UV
 
 pytestmark = [pytest.mark.slow, requires_tf]
 
@@ -63,7 +63,7 @@ def zoo_keras3(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def zoo_keras2(tf215: Stack, tmp_path_factory: pytest.TempPathFactory) -> Path:  # noqa: F811
+def zoo_keras2(tf215: Stack, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The Keras 2 models, built and saved in the Python 3.10 + TensorFlow 2.15 stack."""
     folder = tmp_path_factory.mktemp("zoo-keras2")
     _copy_zoo(folder)
@@ -125,7 +125,7 @@ def test_the_zoo_covers_every_class_of_issue_10(zoo_keras3: Path, zoo_keras2: Pa
 
 @pytest.mark.parametrize(("stack", "name"), CASES)
 def test_run_from_a_host_without_tensorflow_gives_the_reference_bits(
-        zoo: Any, host_venv: Path, stack: str, name: str, tmp_path: Path) -> None:  # noqa: F811
+        zoo: Any, host_venv: Path, stack: str, name: str, tmp_path: Path) -> None:
     folder = zoo(stack)
     entry = _entry(folder, stack, name)
     out = tmp_path / "out.npz"
@@ -162,7 +162,7 @@ def test_run_from_a_host_without_tensorflow_gives_the_reference_bits(
 
 @pytest.mark.parametrize(("stack", "name"), CASES)
 def test_check_in_the_unchanged_environment_finds_nothing(
-        zoo: Any, tf215: Stack, stack: str, name: str) -> None:  # noqa: F811
+        zoo: Any, tf215: Stack, stack: str, name: str) -> None:
     folder = zoo(stack)
     if stack == "keras2":
         res = tf215.run(tf215.venv / "bin" / "envlock", "check", name, "--json", cwd=folder, check=False)
@@ -180,7 +180,7 @@ def test_check_in_the_unchanged_environment_finds_nothing(
     assert doc["status"] == "identical" and codes == [], doc
 
 
-def test_keras2_subclassed_savedmodel_saves_without_a_probe(zoo_keras2: Path, tf215: Stack,  # noqa: F811
+def test_keras2_subclassed_savedmodel_saves_without_a_probe(zoo_keras2: Path, tf215: Stack,
                                                             tmp_path: Path) -> None:
     """Without --probe, a subclassed model's SavedModel says its inputs in its serving signature."""
     shutil.copytree(zoo_keras2 / "k2_subclassed", tmp_path / "k2_subclassed")
