@@ -374,7 +374,8 @@ def _descendants(pid: int) -> list[int]:
                 continue
     found, todo = [], [pid]
     while todo:
-        kids = [p for p, parent in parents.items() if parent == todo.pop()]
+        pid = todo.pop()
+        kids = [p for p, parent in parents.items() if parent == pid]
         found += kids
         todo += kids
     return found
