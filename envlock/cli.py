@@ -517,8 +517,11 @@ def _run_shards(args: argparse.Namespace, out: Out) -> int:
     if out.json:
         out.emit_json(result.to_json())
         return 0
+    lines: dict[str, int] = {}  # the actors of one node usually say the same: once, counted
     for facts in result.nodes:
-        out.print(_node_line(facts))
+        lines[_node_line(facts)] = lines.get(_node_line(facts), 0) + 1
+    for line, count in lines.items():
+        out.print(line + (f" ({count} actors)" if count > 1 else ""))
     on_ray = f" on Ray ({result.ray_address}, {len(result.nodes)} actor(s))" if result.ray_address else ""
     out.print(f"[bold green]wrote[/] {len(result.shards)} shard(s), {result.rows} rows, "
               f"to {result.output_dir}{on_ray}")

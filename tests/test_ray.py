@@ -176,6 +176,13 @@ def test_shards_here_npy_npz_parquet_give_the_single_file_bits(
     assert res.returncode == 0, res.stderr
     doc = json.loads(res.stdout)
     assert doc["schema"] == "envlock.run.shards/1" and doc["ray"] is None and doc["rows"] == 256
+    assert sorted(doc) == ["input", "lock_sha256", "model", "nodes", "output_dir", "ray", "rows", "schema",
+                           "seconds", "shards"]
+    assert sorted(doc["shards"][0]) == ["hostname", "input", "node_id", "output", "provenance", "rows",
+                                        "seconds"]
+    assert sorted(doc["nodes"][0]) == ["built", "cpu", "env_key", "gpus", "hostname", "lock_sha256",
+                                       "machine", "node_id", "pid", "probe", "probe_max_abs_diff", "python",
+                                       "strategy", "validated"]
     assert [Path(s["output"]).name for s in doc["shards"]] == ["a.npy", "b.npy", "c.npy", "d.npy"]
     got = np.concatenate([np.load(out / f"{s}.npy") for s in "abcd"])
     assert _bits(got) == _bits(ref[:256])
@@ -212,6 +219,9 @@ def _bad(case: str, tmp_path: Path, x: np.ndarray) -> tuple[list[str], str]:
     if case == "missing_column":
         pq.write_table(pa.table({"pixels": np.arange(8.0)}), d / "a.parquet")
         return ["--input", str(d), "--output", out], "no column for input(s) features"
+    if case == "corrupt_parquet":
+        (d / "a.parquet").write_bytes(b"PAR1 this is not a parquet file")
+        return ["--input", str(d), "--output", out], "not a readable Parquet file"
     if case == "output_over_input":
         np.save(d / "a.npy", x[:8])
         return ["--input", str(d), "--output", str(d)], "would replace this input shard"
@@ -222,7 +232,8 @@ def _bad(case: str, tmp_path: Path, x: np.ndarray) -> tuple[list[str], str]:
 
 
 @pytest.mark.parametrize("case", ["empty_glob", "wrong_shape", "wrong_dtype", "mixed_dtypes",
-                                  "missing_column", "output_over_input", "unreachable_ray"])
+                                  "missing_column", "corrupt_parquet", "output_over_input",
+                                  "unreachable_ray"])
 def test_bad_shards_exit_2_with_one_line_and_write_nothing(
         case: str, saved_tiny: Path, features: tuple[Path, Path], tmp_path: Path) -> None:
     args, words = _bad(case, tmp_path, np.load(features[0]))
@@ -374,7 +385,8 @@ def _descendants(pid: int) -> list[int]:
                 continue
     found, todo = [], [pid]
     while todo:
-        kids = [p for p, parent in parents.items() if parent == todo.pop()]
+        pid = todo.pop()
+        kids = [p for p, parent in parents.items() if parent == pid]
         found += kids
         todo += kids
     return found
