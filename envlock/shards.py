@@ -149,7 +149,12 @@ def _arrow_shape(name: str, t: Any, spec: Mapping[str, Any], where: Path) -> tup
 
 
 def _parquet_headers(path: Path, specs: Sequence[Mapping[str, Any]]) -> list[tuple[tuple[int, ...], Any]]:
-    import pyarrow.parquet as pq
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise InputArrayError(f"{path}: reading Parquet shards needs pyarrow, which is not installed "
+                              "here", hint="install envlock's parquet (or ray) extra, or pass .npy/.npz "
+                              "shards") from None
 
     try:
         meta = pq.ParquetFile(path)

@@ -97,7 +97,6 @@ def features(tmp_path_factory: pytest.TempPathFactory, saved_tiny: Path) -> tupl
 @pytest.fixture(scope="session")
 def ray_host(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A venv with envlock[ray] installed from this checkout, and no TensorFlow. Its bin/."""
-    pytest.importorskip("ray")
     if UV is None:
         pytest.skip("uv is not installed")
     venv = tmp_path_factory.mktemp("ray-host") / "venv"
