@@ -114,6 +114,30 @@ def test_changed_file_names_the_layer_left_at_initial_values(tmp_path: Path) -> 
     assert out["max_abs_diff"] > 0 and out["actual_shape"] == [16, 2]
 
 
+@pytest.mark.slow
+def test_keras2_h5_rebuilt_with_a_renamed_layer(tf215: Stack, tmp_path: Path) -> None:  # noqa: F811
+    """The same in Python 3.10 / TensorFlow 2.15 (Keras 2), where the report came from, checked
+    in that environment: the hidden layer renamed in code keeps its initial weights."""
+    root = tmp_path / "k2"
+    root.mkdir()
+    script = RENAMED_H5.replace("import keras\n", "from tensorflow import keras\n").replace(
+        'build("scores")', 'build("logits", hidden="hidden_renamed")').replace(
+        "def build(out):", "def build(out, hidden=\"hidden\"):").replace('name="hidden"', "name=hidden")
+    tf215.run(tf215.python, "-c", script, "train", cwd=root)
+    tf215.envlock("save", "model.h5", cwd=root)
+    tf215.run(tf215.python, "-c", script, "rebuild", cwd=root)
+    res = tf215.run(tf215.venv / "bin" / "envlock", "check", "model.h5", "--json", "--strategy", "current",
+                    cwd=root, check=False)
+    doc = strict_json(res.stdout)
+    assert res.returncode == 1 and doc["status"] == "mismatch", res.stderr[-2000:]
+    assert causes(doc)[:2] == ["weights_not_restored", "model_file_changed"]
+    lost = finding(doc, "weights_not_restored")
+    assert lost["details"]["layers"] == ["hidden_renamed"]
+    assert lost["details"]["renamed"] == {"hidden": "hidden_renamed"}
+    changed = finding(doc, "model_file_changed")["details"]
+    assert changed["unchanged"] == ["logits"] and changed["changed"] == ["hidden_renamed"]
+
+
 def test_output_missing_names_what_is_there_and_json_has_no_infinity() -> None:
     ref = {"logits": np.zeros((2, 2), "float32"), "aux": np.zeros((2,), "float32")}
     (a, b) = compare_outputs(ref, {"logits": np.zeros((2, 2), "float32")}, atol=1e-6, rtol=1e-5)
