@@ -115,7 +115,7 @@ def test_changed_file_names_the_layer_left_at_initial_values(tmp_path: Path) -> 
 
 
 @pytest.mark.slow
-def test_keras2_h5_rebuilt_with_a_renamed_layer(tf215: Stack, tmp_path: Path) -> None:  # noqa: F811
+def test_keras2_h5_rebuilt_with_a_renamed_layer(tf215: Stack, tmp_path: Path) -> None:
     """The same in Python 3.10 / TensorFlow 2.15 (Keras 2), where the report came from, checked
     in that environment: the hidden layer renamed in code keeps its initial weights."""
     root = tmp_path / "k2"
