@@ -952,3 +952,14 @@ def test_sigterm_during_save_keeps_the_old_sidecar(source: Source, tmp_path: Pat
             break
         time.sleep(0.1)
     assert _worker_pids(str(private_tmp)) == [], "the worker outlived envlock"
+
+
+def test_the_typed_manifest_of_a_real_sidecar(source: Source) -> None:
+    sc = read_sidecar(source.model)
+    jsonschema.validate(sc.manifest, load_schema("manifest"))
+    typed = sc.typed
+    assert typed.model.file == MODEL and typed.model.format == "keras"
+    assert typed.probe is not None and typed.probe.tolerance.atol >= 0
+    assert [s.name for s in typed.model.inputs] == [s.name for s in typed.probe.inputs]
+    assert set(typed.files) == {p.relative_to(sc.path).as_posix() for p in sc.path.rglob("*")
+                                if p.is_file() and p.name != MANIFEST and "__pycache__" not in p.parts}
