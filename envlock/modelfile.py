@@ -98,8 +98,9 @@ def _stat_problem(p: Path, exc: OSError) -> str:
     return f"cannot be read ({exc.strerror or exc})"
 
 
-def inspect_model(path: str | Path) -> ModelInfo:
-    """Validate and describe a model path; a bad one raises ModelFileError (exit 2)."""
+def check_model_path(path: str | Path) -> Path:
+    """The checks of a model path that read nothing of it: it exists (not a dangling link or a
+    loop) and can be looked at. A bad one raises ModelFileError (exit 2)."""
     p = Path(path)
     if not str(path):
         raise ModelFileError("''", "an empty path is not a model")
@@ -109,6 +110,12 @@ def inspect_model(path: str | Path) -> ModelInfo:
         if exc.errno in (errno.ENOENT, errno.ENOTDIR) and not p.is_symlink():
             raise ModelFileError(p, "no such file or directory") from None
         raise ModelFileError(p, _stat_problem(p, exc)) from None
+    return p
+
+
+def inspect_model(path: str | Path) -> ModelInfo:
+    """Validate and describe a model path; a bad one raises ModelFileError (exit 2)."""
+    p = check_model_path(path)
     if p.is_dir():
         if not os.access(p, os.R_OK | os.X_OK):
             raise ModelFileError(p, "a folder that cannot be read (permission denied)")

@@ -33,12 +33,12 @@ from envlock._worker.framework import ENV_VARS
 from envlock._worker.inventory import installed
 from envlock.arrayfiles import save_npz
 from envlock.errors import InputArrayError, MismatchError, WeightsNotRestoredError
-from envlock.fs import check_readable, log_dir, preflight_save
+from envlock.fs import log_dir, preflight_save
 from envlock.gpu import cuda_env_facts, gpu_facts
 from envlock.hostfacts import platform_facts, python_facts
 from envlock.index import IndexClient
 from envlock.lockfiles import build_lock, render_pylock, render_requirements
-from envlock.modelfile import ModelInfo, inspect_model, sidecar_path
+from envlock.modelfile import ModelInfo, check_model_path, inspect_model, sidecar_path
 from envlock.results import SaveResult
 from envlock.settings import Settings
 from envlock.sidecar import MAIN_MODULE, write_sidecar
@@ -300,9 +300,8 @@ def _lock(path: Path, settings: Settings, options: SaveOptions, workdir: Path, m
     stage = on_stage or (lambda s: None)
     t0 = time.perf_counter()
     seconds: dict[str, float] = {}
-    # Missing, a link loop, unreadable: said now; the rest of inspect_model's checks run while
-    # the worker starts.
-    check_readable(path, "model", folder_ok=True)
+    # Missing, a link loop: said now; the rest of inspect_model's checks run while the worker starts.
+    check_model_path(path)
     if options.probe is not None and not options.probe.is_file():
         raise InputArrayError(f"{options.probe}: no such probe file")
     preflight_save(path, options.probe)  # found now, not after the whole save has run

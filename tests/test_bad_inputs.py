@@ -345,7 +345,7 @@ CASES: list[Case] = [
     C("show-sidecar-is-a-file", "show", "m3.keras", setup=_write("m3.keras.envlock", b"x"),
       says="not a sidecar folder"),
     C("run-input-missing", "run", MODEL, "-i", "nope.npy", says="nope.npy: input: no such file"),
-    C("run-input-folder", "run", MODEL, "-i", "xdir.npy", setup=_mkdir("xdir.npy"), says="is a folder"),
+    C("run-input-folder", "run", MODEL, "-i", "xdir.npy", setup=_mkdir("xdir.npy"), says="no input shards found"),
     C("run-input-symlink-loop", "run", MODEL, "-i", "l.npy", setup=_symlink("l.npy", "l.npy"),
       says="symbolic link loop"),
     C("run-input-dangling", "run", MODEL, "-i", "d.npy", setup=_symlink("gone.npy", "d.npy"),
