@@ -79,13 +79,10 @@ def _registry_lookups() -> list[Any]:
 
 
 def _nodes(node: Any) -> Iterator[dict[str, Any]]:
-    if isinstance(node, dict):
-        yield node
-        for v in node.values():
-            yield from _nodes(v)
-    elif isinstance(node, list):
-        for v in node:
-            yield from _nodes(v)
+    """Every dict in a model's config, at any depth (the worker reads configs the same way)."""
+    from envlock._worker.customcode import _nodes as config_nodes
+
+    return config_nodes(node)
 
 
 def _named(config: Any) -> set[str]:

@@ -113,16 +113,22 @@ def tf215(tmp_path_factory: pytest.TempPathFactory) -> Any:
     return build_stack(tmp_path_factory.mktemp("stacks"), "py310-tf215", "3.10", ["tensorflow-cpu==2.15.1"])
 
 
-@pytest.fixture(scope="session")
-def host_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A venv with envlock installed from this checkout (a wheel, no extras): no TensorFlow."""
+def envlock_host_venv(tmp_path_factory: pytest.TempPathFactory, name: str, extras: str = "") -> Path:
+    """A venv with envlock installed from this checkout (``extras`` e.g. "[ray]"), as a user
+    installs it on a host, and no TensorFlow. Its folder."""
     from test_run import ROOT, UV, _env
 
     if UV is None:
         pytest.skip("uv is not installed")
-    venv = tmp_path_factory.mktemp("host") / "venv"
+    venv = tmp_path_factory.mktemp(name) / "venv"
     subprocess.run([UV, "venv", "-q", str(venv), "--python", sys.executable], check=True,
                    capture_output=True, timeout=300)
-    subprocess.run([UV, "pip", "install", "-q", "--python", str(venv / "bin" / "python"), str(ROOT)],
-                   check=True, capture_output=True, timeout=600, env=_env())
+    subprocess.run([UV, "pip", "install", "-q", "--python", str(venv / "bin" / "python"), f"{ROOT}{extras}"],
+                   check=True, capture_output=True, timeout=900, env=_env())
     return venv
+
+
+@pytest.fixture(scope="session")
+def host_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A venv with envlock installed from this checkout (a wheel, no extras): no TensorFlow."""
+    return envlock_host_venv(tmp_path_factory, "host")

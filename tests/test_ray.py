@@ -22,11 +22,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import CliResult, requires_tf, run_cli
+from conftest import CliResult, envlock_host_venv, requires_tf, run_cli
 
 pytestmark = [requires_tf, pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Ray on Linux")]
 
-ROOT = Path(__file__).resolve().parent.parent
 UV = shutil.which("uv", path=str(Path(sys.executable).parent)) or shutil.which("uv")
 SHARDS, SHARD_ROWS = 8, 64  # whole multiples of Keras' batch of 32
 CLUSTER = """\
@@ -97,14 +96,7 @@ def features(tmp_path_factory: pytest.TempPathFactory, saved_tiny: Path) -> tupl
 @pytest.fixture(scope="session")
 def ray_host(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A venv with envlock[ray] installed from this checkout, and no TensorFlow. Its bin/."""
-    if UV is None:
-        pytest.skip("uv is not installed")
-    venv = tmp_path_factory.mktemp("ray-host") / "venv"
-    subprocess.run([UV, "venv", "-q", str(venv), "--python", sys.executable], check=True,
-                   capture_output=True, timeout=300)
-    subprocess.run([UV, "pip", "install", "-q", "--python", str(venv / "bin" / "python"), f"{ROOT}[ray]"],
-                   check=True, capture_output=True, timeout=900, env=_env())
-    return venv / "bin"
+    return envlock_host_venv(tmp_path_factory, "ray-host", "[ray]") / "bin"
 
 
 @pytest.fixture(scope="session")
