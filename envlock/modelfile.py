@@ -160,8 +160,21 @@ def _read_json_member(p: Path, zf: zipfile.ZipFile, name: str) -> dict[str, obje
     return doc
 
 
-def _check_members(p: Path, zf: zipfile.ZipFile) -> None:
-    """Every member's CRC, read in chunks; encrypted members and bombs refused before reading."""
+def check_archive_directory(path: Path) -> None:
+    """The checks of a .keras archive that read only its central directory (encrypted members,
+    zip bombs by their declared sizes): milliseconds, so save runs them before it starts
+    anything, and leaves the full read (CRCs, sha256) for later."""
+    try:
+        with open(path, "rb") as f:
+            if f.read(2) != b"PK":
+                return
+        with zipfile.ZipFile(path) as zf:
+            _check_directory(path, zf)
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return  # inspect_model says what is wrong with it, in its own words
+
+
+def _check_directory(p: Path, zf: zipfile.ZipFile) -> None:
     infos = zf.infolist()
     for info in infos:
         if info.flag_bits & 0x1:
@@ -174,7 +187,12 @@ def _check_members(p: Path, zf: zipfile.ZipFile) -> None:
     if declared > MIN_BOMB and declared > MAX_INFLATION * packed:
         raise ModelFileError(p, f"inflates to {declared} bytes from {packed} ({declared // packed}:1): "
                              "refused as a possible zip bomb")
-    for info in infos:
+
+
+def _check_members(p: Path, zf: zipfile.ZipFile) -> None:
+    """Every member's CRC, read in chunks; encrypted members and bombs refused before reading."""
+    _check_directory(p, zf)
+    for info in zf.infolist():
         with zf.open(info) as f:
             while f.read(_CHUNK):
                 pass

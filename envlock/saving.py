@@ -38,7 +38,13 @@ from envlock.gpu import cuda_env_facts, gpu_facts
 from envlock.hostfacts import platform_facts, python_facts
 from envlock.index import IndexClient
 from envlock.lockfiles import build_lock, render_pylock, render_requirements
-from envlock.modelfile import ModelInfo, check_model_path, inspect_model, sidecar_path
+from envlock.modelfile import (
+    ModelInfo,
+    check_archive_directory,
+    check_model_path,
+    inspect_model,
+    sidecar_path,
+)
 from envlock.results import SaveResult
 from envlock.settings import Settings
 from envlock.sidecar import MAIN_MODULE, write_sidecar
@@ -300,8 +306,11 @@ def _lock(path: Path, settings: Settings, options: SaveOptions, workdir: Path, m
     stage = on_stage or (lambda s: None)
     t0 = time.perf_counter()
     seconds: dict[str, float] = {}
-    # Missing, a link loop: said now; the rest of inspect_model's checks run while the worker starts.
+    # Missing, a link loop, a zip bomb: said now, before anything starts; the rest of
+    # inspect_model's checks (a full read) run while the worker starts.
     check_model_path(path)
+    if path.is_file():
+        check_archive_directory(path)
     if options.probe is not None and not options.probe.is_file():
         raise InputArrayError(f"{options.probe}: no such probe file")
     preflight_save(path, options.probe)  # found now, not after the whole save has run
