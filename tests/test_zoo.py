@@ -156,7 +156,9 @@ def test_run_from_a_host_without_tensorflow_gives_the_reference_bits(
         assert doc["validation"]["status"] == "identical"
     for key, g, r in zip(expected_names, got, reference):
         if key in doc["sampled_outputs"]:
-            assert g.shape == r.shape and not _bitwise_equal(g, r)
+            # New draws: their bits are promised neither way (a seeded generator in a fresh
+            # process may repeat the training process's draws), so only their form is checked.
+            assert g.shape == r.shape and g.dtype == r.dtype and np.isfinite(g).all()
             continue
         assert _bitwise_equal(g, r), f"{name}: output {key} differs from model.predict"
 
