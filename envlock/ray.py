@@ -359,7 +359,9 @@ def stderr_to(log: Path) -> Iterator[Any]:
         sys.stderr.flush()
         stream.flush()
         os.dup2(real, 2)
-        os.close(real)
+        # Ray's core worker may point descriptor 2 at a file of its own again as it shuts down:
+        # envlock's last lines (the error, the summary) go through a stream on the real stderr.
+        sys.stderr = os.fdopen(real, "w", buffering=1, encoding="utf-8", errors="replace")
         stream.close()
 
 
