@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import CliResult, envlock_host_venv, requires_tf, run_cli
+from test_run import _one_error
 
 pytestmark = [requires_tf, pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Ray on Linux")]
 
@@ -57,15 +58,6 @@ def _env(**extra: str) -> dict[str, str]:
     env.pop("VIRTUAL_ENV", None)
     env.update(extra)
     return env
-
-
-def _one_error(stderr: str) -> str:
-    lines = stderr.splitlines()
-    assert len(lines) in (1, 2), stderr
-    assert lines[0].startswith("envlock: error: "), stderr
-    if len(lines) == 2:
-        assert lines[1].startswith("  hint: "), stderr
-    return lines[0]
 
 
 def _bits(a: np.ndarray) -> tuple[str, tuple[int, ...], bytes]:
