@@ -62,6 +62,7 @@ from envlock.errors import (
     NetworkError,
     ToolNotFoundError,
 )
+from envlock.fs import atomic_write
 from envlock.interpreters import Interpreter, find_python
 from envlock.settings import Settings
 from envlock.tools import pip as pip_tool
@@ -347,9 +348,7 @@ def _retarget_scripts(env_path: Path, old: Path, new: Path) -> None:
 
 
 def _write_json_atomic(path: Path, doc: Mapping[str, object]) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(3)}")
-    tmp.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(doc, indent=2, sort_keys=True) + "\n", mode=0o644)
 
 
 def _emit(progress: Progress | None, stage: str, message: str) -> None:

@@ -7,10 +7,8 @@ goes through a temporary file renamed into place, so a failed export leaves noth
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +18,7 @@ import envlock
 from envlock import condalock, templating
 from envlock._worker.framework import ENV_VARS
 from envlock.errors import BadInputError
+from envlock.fs import atomic_write
 from envlock.modelfile import sidecar_path
 from envlock.sidecar import Sidecar, read_sidecar
 
@@ -155,20 +154,6 @@ FORMATS: dict[str, Exporter] = {
 }
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
-            fh.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def export(model: str | os.PathLike[str], fmt: str, *, output: str | os.PathLike[str] | None = None
            ) -> ExportResult:
     """Render ``fmt`` for ``model``'s sidecar; write it to ``output`` when given."""
@@ -184,5 +169,5 @@ def export(model: str | os.PathLike[str], fmt: str, *, output: str | os.PathLike
         guard_output(out, model=path, sidecar=sc.path, make_parent=True)
     text = exporter(ExportContext(path, sc, out))
     if out is not None:
-        _write_atomic(out, text)
+        atomic_write(out, text, mode=0o644)
     return ExportResult(path, fmt, text, out)

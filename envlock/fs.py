@@ -5,10 +5,12 @@ reads (the model, its sidecar, its inputs): envlock never writes over its inputs
 envlock never does"). :func:`check_readable` and :func:`check_writable_dir` turn what would be
 an ``OSError`` after a minute of work into one line at the start, naming the path as the user
 gave it. :func:`describe_os_error` is the one wording of an ``OSError`` that still escapes.
+:func:`atomic_write` is the one way envlock writes a file that others may read meanwhile.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
@@ -34,6 +36,25 @@ def describe_os_error(exc: OSError) -> str:
     if exc.filename is not None:
         return f"{exc.filename}: {reason}"
     return reason
+
+
+def atomic_write(path: Path, data: bytes | str, *, mode: int | None = None) -> None:
+    """Write ``data`` (text as UTF-8, newlines as given) to ``path`` all or nothing: a temporary
+    file in the same folder, renamed over ``path``. A reader sees the old file or the new one,
+    never a part; a failure (or Ctrl-C) leaves no temporary file behind. Missing parent folders
+    are created. The file is private (0600) unless ``mode`` says otherwise."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data.encode("utf-8") if isinstance(data, str) else data)
+        if mode is not None:
+            os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
 
 
 def _why_missing(path: Path) -> str:

@@ -30,7 +30,6 @@ import os
 import re
 import socket
 import ssl
-import tempfile
 import threading
 import time
 import zlib
@@ -52,6 +51,7 @@ from packaging.utils import (
 from packaging.version import InvalidVersion, Version
 
 from envlock import __version__
+from envlock.fs import atomic_write
 from envlock.settings import Settings
 
 log = logging.getLogger("envlock.index")
@@ -508,15 +508,7 @@ def _select(page: _Page, name: str, target: Version) -> tuple[tuple[DistFile, ..
 
 def _atomic_write(path: Path, data: bytes) -> None:
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
+        atomic_write(path, data)
     except OSError as exc:
         # A cache that cannot be written (read-only home, full disk) only costs speed.
         log.debug("index cache: could not write %s: %s", path, exc)

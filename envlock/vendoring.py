@@ -41,6 +41,7 @@ from envlock import __version__
 from envlock.errors import EnvironmentBuildError
 from envlock.index import DistFile, _Index, _ssl_context
 from envlock.lockfiles import UNLOCKABLE_KINDS, LockedPackage
+from envlock.modelfile import file_sha256
 from envlock.settings import Settings
 
 WHEELS_DIR = "wheels"
@@ -124,14 +125,6 @@ def choose_file(files: Sequence[DistFile], installed: frozenset[Tag],
 
 
 # --- getting the bytes ---------------------------------------------------------------------
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(_CHUNK), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _safe_filename(filename: str) -> str:
