@@ -5,7 +5,7 @@
 solver is run. Distributions that pip (or uv) installed on top are told apart by ownership: a
 ``.dist-info`` folder listed in a conda record's ``files`` is conda's, anything else on the
 interpreter's path is pip's and goes in as a ``manager: pip`` entry with the sha256 of the
-wheel that was installed (the one whose tags match the installed ``WHEEL`` file).
+wheel that was installed (:mod:`envlock.wheels`: the choice ``save --vendor`` makes too).
 
 **Format.** conda-lock's unified lock file, version 1 (``conda_lock/lockfile/v1/models.py``:
 ``version``, ``metadata`` with ``content_hash``, ``channels``, ``platforms``, ``sources``, and one
@@ -38,12 +38,13 @@ from urllib.parse import unquote, urlsplit
 
 from packaging.markers import InvalidMarker
 from packaging.requirements import InvalidRequirement, Requirement
-from packaging.tags import Tag, parse_tag, sys_tags
-from packaging.utils import InvalidWheelFilename, canonicalize_name, parse_wheel_filename
+from packaging.tags import Tag, sys_tags
+from packaging.utils import canonicalize_name
 
 from envlock import templating
 from envlock.errors import BadInputError, SidecarError
 from envlock.lockfiles import LockedPackage
+from envlock.wheels import choose_file, installed_tags
 
 LOCKFILE = "conda-lock.yml"
 LOCK_VERSION = 1
@@ -236,46 +237,6 @@ def _relative(path: str, prefix: Path) -> str | None:
         return None
 
 
-def _installed_tags(dist_info: str | None) -> set[Tag]:
-    if not dist_info:
-        return set()
-    try:
-        text = (Path(dist_info) / "WHEEL").read_text(encoding="utf-8")
-    except OSError:
-        return set()
-    tags: set[Tag] = set()
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip().lower() == "tag" and value.strip():
-            tags |= set(parse_tag(value.strip()))
-    return tags
-
-
-def _pick_file(pkg: LockedPackage, installed_tags: set[Tag]) -> tuple[str, str] | None:
-    """(url, sha256) of the file that was installed: the wheel whose tags the installed WHEEL
-    names, else the one this interpreter prefers, else the sdist."""
-    if not pkg.files:
-        return None
-    ranked = {t: i for i, t in enumerate(sys_tags())}
-    best: tuple[int, int, str, str] | None = None
-    for f in pkg.files:
-        if f.is_wheel:
-            try:
-                tags = parse_wheel_filename(f.filename)[3]
-            except InvalidWheelFilename:
-                continue
-            exact = 0 if tags & installed_tags else 1
-            rank = min((ranked[t] for t in tags if t in ranked), default=len(ranked))
-            if exact and rank == len(ranked):  # neither installed nor installable here
-                continue
-            cand = (exact, rank, f.url, f.sha256)
-        else:
-            cand = (2, 0, f.url, f.sha256)
-        if best is None or cand < best:
-            best = cand
-    return (best[2], best[3]) if best else None
-
-
 def _pip_dependencies(requires: Iterable[str]) -> dict[str, str]:
     deps: dict[str, str] = {}
     for text in requires:
@@ -290,9 +251,12 @@ def _pip_dependencies(requires: Iterable[str]) -> dict[str, str]:
 
 
 def capture(prefix: Path, dists: Sequence[Mapping[str, Any]], packages: Sequence[LockedPackage], *,
-            platform: str | None = None) -> CondaCapture:
+            platform: str | None = None, supported: Sequence[Tag] | None = None) -> CondaCapture:
     """Lock the conda environment at ``prefix``: its conda records, and the distributions
-    pip installed on top (from ``dists``, the inventory, and ``packages``, their hashes)."""
+    pip installed on top (from ``dists``, the inventory, and ``packages``, their hashes; the
+    file of each as :func:`envlock.wheels.choose_file` picks it for ``supported``, this
+    interpreter's tags by default)."""
+    supported = list(sys_tags()) if supported is None else list(supported)
     records, left_out = read_conda_meta(prefix)
     owned = owned_dist_infos(records)
     subdirs = [str(r.get("subdir")) for r in records if r.get("subdir") not in (None, "", "noarch")]
@@ -327,11 +291,11 @@ def capture(prefix: Path, dists: Sequence[Mapping[str, Any]], packages: Sequence
         pkg = by_name.get(name)
         if pkg is None:  # envlock itself, left out of every lock
             continue
-        picked = _pick_file(pkg, _installed_tags(d.get("dist_info"))) if pkg.locked else None
+        picked = choose_file(pkg.files, installed_tags(d.get("dist_info")), supported) if pkg.locked else None
         if picked is None:
             not_locked.append(name)
             continue
-        pip.append(PipPackage(name=name, version=pkg.version, url=picked[0], sha256=picked[1],
+        pip.append(PipPackage(name=name, version=pkg.version, url=picked.url, sha256=picked.sha256,
                               dependencies=_pip_dependencies(pkg.requires)))
     lock = CondaLock(platform=plat, channels=tuple(channels), conda=tuple(conda),
                      pip=tuple(sorted(pip, key=lambda p: p.name)))

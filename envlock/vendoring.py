@@ -1,10 +1,8 @@
 """`envlock save --vendor`: the file of every locked distribution, for the sidecar's ``wheels/``.
 
-**Which file.** One per locked distribution: the one installed here. A wheel's ``.dist-info/WHEEL``
-keeps the tags of the wheel it was installed from, and the index file with exactly those tags
-is that wheel. Failing that (a distribution built locally from its sdist), the best file for
-this interpreter in ``packaging.tags.sys_tags()`` order, then the sdist. Other platforms' wheels
-are not copied: the lock's other hashes stay, so an index can still serve them.
+**Which file.** One per locked distribution: the one installed here, as
+:func:`envlock.wheels.choose_file` picks it (the conda lock's pip part picks the same). Other
+platforms' wheels are not copied: the lock's other hashes stay, so an index can still serve them.
 
 **Where the bytes come from,** always checked against the lock's sha256 before they are kept:
 
@@ -34,8 +32,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from packaging.tags import Tag, parse_tag, sys_tags
-from packaging.utils import InvalidWheelFilename, parse_wheel_filename
+from packaging.tags import Tag, sys_tags
 
 from envlock import __version__
 from envlock.errors import EnvironmentBuildError
@@ -43,6 +40,7 @@ from envlock.index import DistFile, _Index, _ssl_context
 from envlock.lockfiles import UNLOCKABLE_KINDS, LockedPackage
 from envlock.modelfile import file_sha256
 from envlock.settings import Settings
+from envlock.wheels import choose_file, installed_tags
 
 WHEELS_DIR = "wheels"
 _CHUNK = 1 << 20
@@ -78,50 +76,6 @@ class VendorResult:
             "not_vendored": [dict(x) for x in self.not_vendored],
             "downloaded": sum(1 for f in self.files if f.source == "downloaded"),
         }
-
-
-# --- choosing the file ---------------------------------------------------------------------
-
-
-def installed_tags(dist_info: str | os.PathLike[str] | None) -> frozenset[Tag]:
-    """The tags of the wheel a distribution was installed from (empty when unknown)."""
-    if not dist_info:
-        return frozenset()
-    try:
-        text = (Path(dist_info) / "WHEEL").read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return frozenset()
-    tags: set[Tag] = set()
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip().lower() == "tag" and value.strip():
-            with contextlib.suppress(ValueError):
-                tags |= parse_tag(value.strip())
-    return frozenset(tags)
-
-
-def _wheel_tags(filename: str) -> frozenset[Tag] | None:
-    try:
-        return parse_wheel_filename(filename)[3]
-    except InvalidWheelFilename:
-        return None
-
-
-def choose_file(files: Sequence[DistFile], installed: frozenset[Tag],
-                supported: Sequence[Tag]) -> DistFile | None:
-    """The file of ``files`` that was (or would be) installed here; None when none fits."""
-    wheels = [(f, t) for f in files if f.is_wheel and (t := _wheel_tags(f.filename)) is not None]
-    if installed:
-        exact = [f for f, t in wheels if t == installed]
-        if exact:
-            return exact[0]
-    rank = {tag: i for i, tag in enumerate(supported)}
-    fitting = [(min(rank[x] for x in t if x in rank), f) for f, t in wheels if any(x in rank for x in t)]
-    if fitting:
-        return min(fitting, key=lambda rf: (rf[0], rf[1].filename))[1]
-    sdists = sorted((f for f in files if not f.is_wheel),
-                    key=lambda f: (not f.filename.endswith(".tar.gz"), f.filename))
-    return sdists[0] if sdists else None
 
 
 # --- getting the bytes ---------------------------------------------------------------------

@@ -24,7 +24,7 @@ import pytest
 from conftest import run_cli
 from packaging.tags import Tag, sys_tags
 
-from envlock import vendoring
+from envlock import vendoring, wheels
 from envlock.envcache import EnvCache, EnvSpec, inventory, locked_pins
 from envlock.errors import BadInputError, EnvironmentBuildError
 from envlock.exporting import FORMATS, export
@@ -130,26 +130,26 @@ NUMPY = [_f("numpy-1.26.4-cp310-cp310-manylinux_2_17_x86_64.manylinux2014_x86_64
 def test_choose_the_installed_wheel_by_its_tags() -> None:
     installed = frozenset({Tag("cp310", "cp310", "manylinux_2_17_x86_64"),
                            Tag("cp310", "cp310", "manylinux2014_x86_64")})
-    assert vendoring.choose_file(NUMPY, installed, []).filename.startswith("numpy-1.26.4-cp310-cp310-many")
+    assert wheels.choose_file(NUMPY, installed, []).filename.startswith("numpy-1.26.4-cp310-cp310-many")
 
 
 def test_choose_by_this_interpreters_tags_then_the_sdist() -> None:
     linux311 = [Tag("cp311", "cp311", "manylinux_2_17_x86_64"), Tag("py3", "none", "any")]
-    assert "cp311-cp311-manylinux" in vendoring.choose_file(NUMPY, frozenset(), linux311).filename
+    assert "cp311-cp311-manylinux" in wheels.choose_file(NUMPY, frozenset(), linux311).filename
     # Locally built from its sdist (tags no index file has): the sdist.
     local = frozenset({Tag("cp312", "cp312", "linux_x86_64")})
-    assert vendoring.choose_file(NUMPY, local, [Tag("cp312", "cp312", "linux_x86_64")]).filename \
+    assert wheels.choose_file(NUMPY, local, [Tag("cp312", "cp312", "linux_x86_64")]).filename \
         == "numpy-1.26.4.tar.gz"
-    assert vendoring.choose_file(NUMPY[:3], local, [Tag("cp312", "cp312", "linux_x86_64")]) is None
+    assert wheels.choose_file(NUMPY[:3], local, [Tag("cp312", "cp312", "linux_x86_64")]) is None
 
 
 def test_installed_tags_come_from_the_dist_info(tmp_path: Path) -> None:
     (tmp_path / "WHEEL").write_text("Wheel-Version: 1.0\nTag: cp310-cp310-manylinux_2_17_x86_64\n"
                                     "Tag: cp310-cp310-manylinux2014_x86_64\n")
-    assert vendoring.installed_tags(tmp_path) == {Tag("cp310", "cp310", "manylinux_2_17_x86_64"),
+    assert wheels.installed_tags(tmp_path) == {Tag("cp310", "cp310", "manylinux_2_17_x86_64"),
                                                   Tag("cp310", "cp310", "manylinux2014_x86_64")}
-    assert vendoring.installed_tags(tmp_path / "missing") == frozenset()
-    assert vendoring.installed_tags(None) == frozenset()
+    assert wheels.installed_tags(tmp_path / "missing") == frozenset()
+    assert wheels.installed_tags(None) == frozenset()
 
 
 # --- vendor(): download, check, cache --------------------------------------------------------
@@ -401,4 +401,4 @@ def test_exports_of_a_real_sidecar(saved_tiny: Path, tmp_path: Path) -> None:
 def test_sys_tags_rank_is_used_when_nothing_is_installed() -> None:
     here = list(sys_tags())
     pure = _f("alpha-1.0-py3-none-any.whl")
-    assert vendoring.choose_file([pure], frozenset(), here) == pure
+    assert wheels.choose_file([pure], frozenset(), here) == pure
