@@ -29,11 +29,11 @@ from envlock.compare import (
     overall_status,
 )
 from envlock.diagnose import Finding, Observed, diagnose
-from envlock.envcache import locked_pins
 from envlock.errors import WorkerError
 from envlock.gpu import gpu_facts
 from envlock.hostfacts import platform_facts
 from envlock.modelfile import file_sha256, tree_sha256
+from envlock.reqfile import locked_pins
 from envlock.running import ModelSession, resolve_environment
 
 CHECK_SCHEMA = "envlock.check/1"

@@ -28,7 +28,7 @@ import hashlib
 import json
 import sys
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,19 +37,11 @@ from packaging.utils import canonicalize_name
 
 from envlock import condalock
 from envlock.condalock import CondaLock
-from envlock.envcache import (
-    _HASH_RE,
-    BuildEvent,
-    Env,
-    EnvCache,
-    _retarget_scripts,
-    all_hashed,
-    canonical_lock,
-    env_python,
-    locked_pins,
-    locked_requirements,
-)
+from envlock.envbuild import Progress, emit, env_python, find_uv_or_pip, retarget_scripts
+from envlock.envcache import Env, EnvCache
+from envlock.envkey import canonical_lock
 from envlock.errors import EnvironmentBuildError, SidecarError, ToolNotFoundError
+from envlock.reqfile import HASH_RE, all_hashed, locked_pins, locked_requirements
 from envlock.settings import Settings
 from envlock.tools import conda as conda_tool
 from envlock.tools import pip as pip_tool
@@ -58,14 +50,6 @@ from envlock.tools import uv as uv_tool
 
 CONDA_KEY_SCHEMA = 1
 INSTALLERS = ("auto", "conda", "rattler")
-Progress = Callable[[BuildEvent], None]
-
-
-def _emit(progress: Progress | None, stage: str, message: str) -> None:
-    if progress is not None:
-        progress(BuildEvent(stage, message))
-
-
 @dataclass(frozen=True)
 class CondaSpec:
     """What to build: the lock, the pip part as a hashed requirements text, and its key."""
@@ -113,8 +97,8 @@ def pip_requirements(lock: CondaLock, requirements_text: str = "") -> str:
     lines = ["# The pip part of a conda environment, written by envlock (installed with --no-deps)."]
     for p in sorted(lock.pip, key=lambda p: p.name):
         line = locked.get(p.name)
-        direct = line is not None and " @ " in _HASH_RE.sub("", line)
-        if line is not None and (direct or pins.get(p.name) == p.version) and _HASH_RE.search(line):
+        direct = line is not None and " @ " in HASH_RE.sub("", line)
+        if line is not None and (direct or pins.get(p.name) == p.version) and HASH_RE.search(line):
             lines.append(line)
         else:
             lines.append(f"{p.name}=={p.version}" + (f" --hash=sha256:{p.sha256}" if p.sha256 else ""))
@@ -217,7 +201,7 @@ class _Build:
             work = Path(scratch)
             n = len(lock.conda)
             if self.kind == "rattler":
-                _emit(self.progress, "conda",
+                emit(self.progress, "conda",
                       f"installing {n} conda packages with py-rattler {self.tool.version}")
                 rattler_tool.install(self.tool, [p.record for p in lock.conda], where, final=self.final)
                 conda_installer = f"py-rattler {self.tool.version}"
@@ -226,7 +210,7 @@ class _Build:
                 only = work / "conda-lock.yml"
                 only.write_text(condalock.dumps(CondaLock(lock.platform, lock.channels, lock.conda, ())),
                                 encoding="utf-8")
-                _emit(self.progress, "conda",
+                emit(self.progress, "conda",
                       f"installing {n} conda packages with conda-lock ({conda.flavour})")
                 conda_tool.conda_lock_install(conda_lock, conda, only, where, on_line=self._line)
                 conda_installer = f"conda-lock {conda_tool.version(conda_lock)} + {conda.flavour}"
@@ -234,12 +218,12 @@ class _Build:
                 conda = self.tool
                 explicit = work / f"conda-{lock.platform}.lock"
                 explicit.write_text(condalock.render_explicit(lock), encoding="utf-8")
-                _emit(self.progress, "conda", f"installing {n} conda packages with {conda.flavour}")
+                emit(self.progress, "conda", f"installing {n} conda packages with {conda.flavour}")
                 conda_tool.create_explicit(conda, explicit, where, on_line=self._line)
                 conda_installer = f"{conda.flavour} {conda_tool.version(conda.path)}"
             pip_installer = self._pip_part(where, work) if lock.pip else None
         if where != self.final:
-            _retarget_scripts(where, where, self.final)
+            retarget_scripts(where, where, self.final)
         problems = records_differ(where, lock)
         if problems:
             raise EnvironmentBuildError(
@@ -256,7 +240,7 @@ class _Build:
         }
 
     def _line(self, line: str) -> None:
-        _emit(self.progress, "output", line)
+        emit(self.progress, "output", line)
 
     def _pip_part(self, where: Path, work: Path) -> str:
         spec = self.spec
@@ -264,22 +248,18 @@ class _Build:
         reqs.write_text(spec.pip_requirements, encoding="utf-8")
         python = env_python(where)
         offline = self.settings.offline if spec.offline is None else spec.offline
-        _emit(self.progress, "install", f"installing the pip part ({len(spec.lock.pip)} distributions)")
-        try:
-            uv = uv_tool.find_uv(self.settings.uv_path)
-        except ToolNotFoundError:
-            if self.settings.uv_path:
-                raise
-            _emit(self.progress, "warning", "uv not found: installing the pip part with pip, which is slower")
+        emit(self.progress, "install", f"installing the pip part ({len(spec.lock.pip)} distributions)")
+        uv = find_uv_or_pip(self.settings, self.progress, doing="installing the pip part")
+        if uv is None:
             pip_tool.install(Path(sys.executable), reqs, target_python=python,
                              require_hashes=spec.require_hashes, index_urls=self.settings.index_urls,
                              find_links=spec.find_links, offline=offline, no_index=spec.no_index,
                              on_line=self._line)
             return "pip"
-        uv_tool.pip_install(uv, python, reqs, require_hashes=spec.require_hashes,
+        uv_tool.pip_install(uv.path, python, reqs, require_hashes=spec.require_hashes,
                             index_urls=self.settings.index_urls, find_links=spec.find_links,
                             offline=offline, no_index=spec.no_index, on_line=self._line)
-        return f"uv {uv_tool.version(uv)}"
+        return f"uv {uv.version}"
 
 
 def ensure_conda_env(spec: CondaSpec, settings: Settings, *, progress: Progress | None = None,

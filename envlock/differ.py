@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from envlock.diagnose import NUMERIC_PACKAGES, Finding, Observed, diagnose
-from envlock.envcache import inventory, locked_pins
 from envlock.errors import BadInputError, WorkerError
 from envlock.gpu import gpu_facts
 from envlock.hostfacts import platform_facts
+from envlock.inventory import inventory
+from envlock.reqfile import locked_pins
 from envlock.running import recorded_environment
 from envlock.settings import Settings
 from envlock.sidecar import read_sidecar

@@ -25,13 +25,8 @@ import tomli_w
 from packaging.markers import InvalidMarker, default_environment
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import (
-    InvalidSdistFilename,
-    InvalidWheelFilename,
     canonicalize_name,
-    parse_sdist_filename,
-    parse_wheel_filename,
 )
-from packaging.version import InvalidVersion
 
 from envlock.index import DistFile, LookupResult, redact_url
 from envlock.settings import DEFAULT_INDEX_URL
@@ -308,55 +303,6 @@ def render_requirements(pkgs: Sequence[LockedPackage], *, python_version: str, c
         for pkg in unlocked:
             lines.append(f"#   {pkg.name}=={pkg.version}  ({pkg.kind}: {_source_of(pkg)})")
     return "\n".join(lines) + "\n"
-
-
-_COMMENT = re.compile(r"(^|\s+)#.*$")
-
-
-def read_requirements(text: str) -> list[tuple[str, str, tuple[str, ...]]]:
-    """(name, version, hashes) for each requirement in a file :func:`render_requirements`
-    wrote. Hashes keep their algorithm prefix (``sha256:...``). For a direct reference
-    (``name @ url``) the version comes from the file name in the URL, or is ``""``."""
-    logical: list[str] = []
-    pending = ""
-    for raw in text.splitlines():
-        line = _COMMENT.sub("", raw).rstrip()
-        if line.endswith("\\"):
-            pending += line[:-1] + " "
-            continue
-        logical.append(pending + line)
-        pending = ""
-    if pending:
-        logical.append(pending)
-    out: list[tuple[str, str, tuple[str, ...]]] = []
-    for line in logical:
-        line = line.strip()
-        if not line or line.startswith("-"):
-            continue
-        spec, _, options = line.partition(" --")
-        hashes = tuple(tok[len("--hash="):] for tok in f"--{options}".split() if tok.startswith("--hash="))
-        try:
-            req = Requirement(spec.strip())
-        except InvalidRequirement:
-            continue
-        version = ""
-        pins = [s for s in req.specifier if s.operator in ("==", "===")]
-        if len(pins) == 1:
-            version = pins[0].version
-        elif req.url:
-            version = _version_from_url(req.url)
-        out.append((str(canonicalize_name(req.name)), version, hashes))
-    return out
-
-
-def _version_from_url(url: str) -> str:
-    filename = unquote(urlsplit(url).path.rsplit("/", 1)[-1])
-    try:
-        if filename.endswith(".whl"):
-            return str(parse_wheel_filename(filename)[1])
-        return str(parse_sdist_filename(filename)[1])
-    except (InvalidWheelFilename, InvalidSdistFilename, InvalidVersion):
-        return ""
 
 
 # ---------------------------------------------------------------------------------------------

@@ -20,10 +20,13 @@ from typing import TYPE_CHECKING, Any
 from envlock import proc
 from envlock._worker.framework import ENV_VARS
 from envlock.compare import IDENTICAL, MISMATCH, OutputComparison, compare_outputs, overall_status
-from envlock.envcache import EnvCache, EnvSpec, default_platform_tag, locked_pins, satisfies
+from envlock.envcache import EnvCache
+from envlock.envkey import EnvSpec, default_platform_tag
 from envlock.errors import BadInputError, EnvironmentBuildError, InputArrayError, MismatchError
+from envlock.inventory import satisfies
 from envlock.manifest import RUN_NEEDS
 from envlock.modelfile import inspect_model
+from envlock.reqfile import locked_pins
 from envlock.settings import Settings
 from envlock.sidecar import MAIN_MODULE, Sidecar, read_sidecar  # not via saving: 60 ms of start-up
 from envlock.trust import is_trusted, trust

@@ -738,7 +738,8 @@ def test_an_unreachable_index_is_not_a_deleted_version(installer: str, problem: 
                                                         http_503: str) -> None:
     import platform
 
-    from envlock.envcache import EnvCache, EnvSpec
+    from envlock.envcache import EnvCache
+    from envlock.envkey import EnvSpec
     from envlock.errors import NetworkError
     from envlock.settings import Settings
 
@@ -761,7 +762,8 @@ def test_an_index_that_never_answers_is_a_timeout(tmp_path: Path, monkeypatch: p
     import platform
     import socket
 
-    from envlock.envcache import EnvCache, EnvSpec
+    from envlock.envcache import EnvCache
+    from envlock.envkey import EnvSpec
     from envlock.errors import NetworkError
     from envlock.settings import Settings
 
@@ -787,7 +789,8 @@ def test_an_index_that_never_answers_is_a_timeout(tmp_path: Path, monkeypatch: p
 def test_a_hash_mismatch_names_the_package(installer: str, tmp_path: Path) -> None:
     import platform
 
-    from envlock.envcache import EnvCache, EnvSpec
+    from envlock.envcache import EnvCache
+    from envlock.envkey import EnvSpec
     from envlock.errors import EnvironmentBuildError
     from envlock.settings import Settings
 

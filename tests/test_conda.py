@@ -450,7 +450,7 @@ def _record_view(prefix: Path) -> dict[str, dict[str, Any]]:
 
 
 def _pip_inventory(python: Path) -> dict[str, str]:
-    from envlock.envcache import inventory
+    from envlock.inventory import inventory
 
     return inventory(python)
 

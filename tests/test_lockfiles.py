@@ -19,7 +19,8 @@ from packaging.utils import canonicalize_name
 from envlock._worker import inventory
 from envlock._worker.inventory import installed
 from envlock.index import DistFile, IndexClient, LookupResult
-from envlock.lockfiles import LockedPackage, build_lock, read_requirements, render_pylock, render_requirements
+from envlock.lockfiles import LockedPackage, build_lock, render_pylock, render_requirements
+from envlock.reqfile import read_requirements
 from envlock.settings import Settings
 
 if sys.version_info >= (3, 11):

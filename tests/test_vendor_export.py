@@ -25,11 +25,14 @@ from conftest import run_cli
 from packaging.tags import Tag, sys_tags
 
 from envlock import vendoring, wheels
-from envlock.envcache import EnvCache, EnvSpec, inventory, locked_pins
+from envlock.envcache import EnvCache
+from envlock.envkey import EnvSpec
 from envlock.errors import BadInputError, EnvironmentBuildError
 from envlock.exporting import FORMATS, export
 from envlock.index import DistFile, IndexClient
-from envlock.lockfiles import LockedPackage, read_requirements
+from envlock.inventory import inventory
+from envlock.lockfiles import LockedPackage
+from envlock.reqfile import locked_pins, read_requirements
 from envlock.settings import Settings
 from envlock.sidecar import write_sidecar
 

@@ -53,18 +53,25 @@ def tool_env() -> dict[str, str]:
     return proc.clean_env(keep=PASSTHROUGH_ENV)
 
 
+def _explicit(tool: str, explicit: str | None, variable: str) -> Path | None:
+    """The tool at the path (or command name) the user gave; None when none was given."""
+    if not explicit:
+        return None
+    cand = Path(explicit).expanduser()
+    found = str(cand) if _usable(cand) else shutil.which(explicit)
+    if found:
+        return Path(found)
+    raise ToolNotFoundError(tool, [explicit], hint=f"check the path given by {variable}")
+
+
 def find_conda(explicit: str | None = None, *, environ: Mapping[str, str] | None = None) -> CondaExe:
     """A conda-compatible installer: ``explicit`` (or ``ENVLOCK_CONDA``), then ``MAMBA_EXE`` /
     ``CONDA_EXE`` (set by an activated shell), ``PATH`` (micromamba, mamba, conda), and the
     usual install roots."""
     env = os.environ if environ is None else environ
-    explicit = explicit or env.get("ENVLOCK_CONDA")
-    if explicit:
-        cand = Path(explicit).expanduser()
-        found = str(cand) if _usable(cand) else shutil.which(explicit)
-        if found:
-            return CondaExe(Path(found), _flavour(Path(found)))
-        raise ToolNotFoundError("conda", [explicit], hint="check the path given by ENVLOCK_CONDA")
+    given = _explicit("conda", explicit or env.get("ENVLOCK_CONDA"), "ENVLOCK_CONDA")
+    if given is not None:
+        return CondaExe(given, _flavour(given))
     searched: list[str] = []
     for var in ("MAMBA_EXE", "CONDA_EXE"):
         value = env.get(var)
@@ -91,13 +98,9 @@ def find_conda_lock(explicit: str | None = None, *, environ: Mapping[str, str] |
     """conda-lock: ``explicit`` (or ``ENVLOCK_CONDA_LOCK``), next to ``sys.executable``,
     ``PATH``, then ``~/.local/bin`` (where pipx puts it)."""
     env = os.environ if environ is None else environ
-    explicit = explicit or env.get("ENVLOCK_CONDA_LOCK")
-    if explicit:
-        cand = Path(explicit).expanduser()
-        found = str(cand) if _usable(cand) else shutil.which(explicit)
-        if found:
-            return Path(found)
-        raise ToolNotFoundError("conda-lock", [explicit], hint="check the path given by ENVLOCK_CONDA_LOCK")
+    given = _explicit("conda-lock", explicit or env.get("ENVLOCK_CONDA_LOCK"), "ENVLOCK_CONDA_LOCK")
+    if given is not None:
+        return given
     beside = Path(sys.executable).parent / _exe("conda-lock")
     searched = [str(beside.parent), "PATH", "~/.local/bin"]
     if _usable(beside):

@@ -14,15 +14,10 @@ from pathlib import Path
 
 from envlock import proc
 from envlock.errors import ToolNotFoundError
+from envlock.tools.sources import index_options
 
 # pip learnt `--python` (run against another interpreter's environment) in 22.3.
 MIN_VERSION_FOR_TARGET = (22, 3)
-
-
-def _link(link: Path | str) -> str:
-    """A find-links entry: URLs as given, local paths made absolute (the child's cwd differs)."""
-    text = str(link)
-    return text if "://" in text else str(Path(text).absolute())
 
 
 def find_pip(python: Path) -> tuple[int, ...]:
@@ -74,14 +69,7 @@ def install(
              "--progress-bar", "off"]
     if require_hashes:
         argv.append("--require-hashes")
-    if no_index or offline:
-        argv.append("--no-index")
-    elif index_urls:
-        argv += ["--index-url", index_urls[0]]
-        for extra in index_urls[1:]:
-            argv += ["--extra-index-url", extra]
-    for link in find_links:
-        argv += ["--find-links", _link(link)]
+    argv += index_options(index_urls, find_links, no_index=no_index or offline)
     argv += ["-r", requirements_path]
     # pip reports progress on stdout; its stderr holds warnings and errors.
     proc.run(

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from envlock import proc
 from envlock.errors import CommandError, ToolNotFoundError
+from envlock.tools.sources import index_options
 
 # uv's own variables are stripped by proc.clean_env (a stray UV_INDEX_URL must not change
 # what a lock installs); these only say where uv keeps things or how it reaches the network.
@@ -40,12 +41,6 @@ _INSTALL_HINT = "install uv (`pip install uv`, or see https://docs.astral.sh/uv/
 
 def _exe(name: str) -> str:
     return name + ".exe" if os.name == "nt" else name
-
-
-def _link(link: Path | str) -> str:
-    """A find-links entry: URLs as given, local paths made absolute (the child's cwd differs)."""
-    text = str(link)
-    return text if "://" in text else str(Path(text).absolute())
 
 
 def find_uv(explicit: str | None = None) -> Path:
@@ -134,36 +129,29 @@ def venv(uv: Path, path: Path, python: Path, *, relocatable: bool = True,
 def _install_options(*, require_hashes: bool, index_urls: Sequence[str],
                      find_links: Sequence[Path | str], offline: bool, no_index: bool) -> list[str]:
     """The hash, index and offline flags shared by ``uv pip sync`` and ``uv pip install``."""
-    opts: list[str] = []
-    if require_hashes:
-        opts.append("--require-hashes")
-    if no_index:
-        opts.append("--no-index")
-    elif index_urls:
-        opts += ["--index-url", index_urls[0]]
-        for extra in index_urls[1:]:
-            opts += ["--extra-index-url", extra]
-        if len(index_urls) > 1 and require_hashes:
-            opts += ["--index-strategy", "unsafe-best-match"]
-    for link in find_links:
-        opts += ["--find-links", _link(link)]
+    opts = ["--require-hashes"] if require_hashes else []
+    opts += index_options(index_urls, find_links, no_index=no_index)
+    if not no_index and len(index_urls) > 1 and require_hashes:
+        opts += ["--index-strategy", "unsafe-best-match"]
     if offline:
         opts.append("--offline")
     return opts
 
 
-def pip_sync(
-    uv: Path,
-    python: Path,
-    requirements_path: Path,
-    *,
-    require_hashes: bool,
-    index_urls: Sequence[str] = (),
-    find_links: Sequence[Path | str] = (),
-    offline: bool = False,
-    no_index: bool = False,
-    on_line: Callable[[str], None] | None = None,
-) -> None:
+def _uv_pip(uv: Path, command: Sequence[str], python: Path, requirements_path: Path, options: list[str],
+            on_line: Callable[[str], None] | None) -> None:
+    requirements_path = requirements_path.absolute()
+    argv: list[str | os.PathLike[str]] = [
+        uv, "pip", command[0], "--no-config", "--no-python-downloads", "--color", "never",
+        "--python", python, *command[1:], *options, requirements_path,
+    ]
+    proc.run(argv, env=uv_env(), cwd=requirements_path.parent,
+             what=f"uv could not install {requirements_path.name}", on_stderr_line=on_line)
+
+
+def pip_sync(uv: Path, python: Path, requirements_path: Path, *, require_hashes: bool,
+             index_urls: Sequence[str] = (), find_links: Sequence[Path | str] = (), offline: bool = False,
+             no_index: bool = False, on_line: Callable[[str], None] | None = None) -> None:
     """Make the environment of ``python`` hold exactly what ``requirements_path`` pins.
 
     ``index_urls``: the first is the default index, the others extra indexes. With hashes
@@ -173,49 +161,21 @@ def pip_sync(
     measured on a TensorFlow lock it turns a 0.8 s sync into 5.9 s, while compiling lazily
     on the first import costs about 1.2 s once.
     """
-    requirements_path = requirements_path.absolute()
-    argv: list[str | os.PathLike[str]] = [
-        uv, "pip", "sync", "--no-config", "--no-python-downloads", "--color", "never",
-        "--python", python,
-    ]
-    argv += _install_options(require_hashes=require_hashes, index_urls=index_urls,
-                             find_links=find_links, offline=offline, no_index=no_index)
-    argv.append(requirements_path)
-    proc.run(
-        argv,
-        env=uv_env(),
-        cwd=requirements_path.parent,
-        what=f"uv could not install {requirements_path.name}",
-        on_stderr_line=on_line,
-    )
+    _uv_pip(uv, ["sync"], python, requirements_path,
+            _install_options(require_hashes=require_hashes, index_urls=index_urls, find_links=find_links,
+                             offline=offline, no_index=no_index), on_line)
 
 
-def pip_install(
-    uv: Path,
-    python: Path,
-    requirements_path: Path,
-    *,
-    require_hashes: bool,
-    index_urls: Sequence[str] = (),
-    find_links: Sequence[Path | str] = (),
-    offline: bool = False,
-    no_index: bool = False,
-    on_line: Callable[[str], None] | None = None,
-) -> None:
+def pip_install(uv: Path, python: Path, requirements_path: Path, *, require_hashes: bool,
+                index_urls: Sequence[str] = (), find_links: Sequence[Path | str] = (), offline: bool = False,
+                no_index: bool = False, on_line: Callable[[str], None] | None = None) -> None:
     """Add exactly what ``requirements_path`` pins to the environment of ``python``, with
     ``--no-deps`` and without removing anything: for the pip part of a conda environment,
     where ``pip sync`` would take out what conda installed. Index options as in :func:`pip_sync`.
     """
-    requirements_path = requirements_path.absolute()
-    argv: list[str | os.PathLike[str]] = [
-        uv, "pip", "install", "--no-config", "--no-python-downloads", "--color", "never",
-        "--python", python, "--no-deps",
-    ]
-    argv += _install_options(require_hashes=require_hashes, index_urls=index_urls,
-                             find_links=find_links, offline=offline, no_index=no_index)
-    argv += ["-r", requirements_path]
-    proc.run(argv, env=uv_env(), cwd=requirements_path.parent,
-             what=f"uv could not install {requirements_path.name}", on_stderr_line=on_line)
+    _uv_pip(uv, ["install", "--no-deps"], python, requirements_path,
+            [*_install_options(require_hashes=require_hashes, index_urls=index_urls, find_links=find_links,
+                               offline=offline, no_index=no_index), "-r"], on_line)
 
 
 def python_find(uv: Path, version: str) -> Path | None:
