@@ -35,7 +35,7 @@ from typing import Any
 
 from packaging.utils import canonicalize_name
 
-from envlock import condalock
+from envlock import condalock, condarender
 from envlock.condalock import CondaLock
 from envlock.envbuild import Progress, emit, env_python, find_uv_or_pip, retarget_scripts
 from envlock.envcache import Env, EnvCache
@@ -217,7 +217,7 @@ class _Build:
             else:
                 conda = self.tool
                 explicit = work / f"conda-{lock.platform}.lock"
-                explicit.write_text(condalock.render_explicit(lock), encoding="utf-8")
+                explicit.write_text(condarender.render_explicit(lock), encoding="utf-8")
                 emit(self.progress, "conda", f"installing {n} conda packages with {conda.flavour}")
                 conda_tool.create_explicit(conda, explicit, where, on_line=self._line)
                 conda_installer = f"{conda.flavour} {conda_tool.version(conda.path)}"

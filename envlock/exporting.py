@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import envlock
-from envlock import condalock, templating
+from envlock import condarender, templating
 from envlock._worker.framework import ENV_VARS
 from envlock.errors import BadInputError
 from envlock.fs import atomic_write
@@ -149,8 +149,8 @@ def dockerfile(ctx: ExportContext) -> str:
 FORMATS: dict[str, Exporter] = {
     "dockerfile": dockerfile,
     "requirements": requirements,
-    "environment.yml": condalock.export_environment_yml,
-    "explicit": condalock.export_explicit,
+    "environment.yml": condarender.export_environment_yml,
+    "explicit": condarender.export_explicit,
 }
 
 

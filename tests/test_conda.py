@@ -45,9 +45,10 @@ from conftest import PROJECTS, run_cli
 from rattler.explicit_environment import ExplicitEnvironmentSpec
 from rattler.index import index_fs
 
-from envlock import condalock
+from envlock import condalock, condarender
 from envlock.condaenv import CondaSpec, installed_records, pip_requirements, records_differ
-from envlock.condalock import CondaLock, CondaPackage, PipPackage, dump_yaml, load_yaml
+from envlock.condalock import CondaLock, CondaPackage, PipPackage
+from envlock.condayaml import dump_yaml, load_yaml
 from envlock.errors import EXIT_BAD_INPUT, EXIT_ENVIRONMENT, SidecarError, ToolNotFoundError
 from envlock.sidecar import MANIFEST, read_sidecar, write_sidecar
 from envlock.tools import conda as conda_tool
@@ -308,7 +309,7 @@ def test_document_and_reader_are_strict_about_the_version() -> None:
 
 def test_explicit_and_environment_yml_renderings() -> None:
     lock = _lock()
-    text = condalock.render_explicit(lock)
+    text = condarender.render_explicit(lock)
     lines = text.splitlines()
     assert "@EXPLICIT" in lines and f"# platform: {PLATFORM}" in lines
     urls = [ln for ln in lines if ln.startswith("https://conda")]
@@ -318,7 +319,7 @@ def test_explicit_and_environment_yml_renderings() -> None:
     assert f"# pip numpy @ {lock.pip[0].url}#sha256={'f' * 64}" in lines
     spec = ExplicitEnvironmentSpec.from_str(text)  # rattler's own parser
     assert str(spec.platform) == PLATFORM and len(spec.packages) == 3
-    env = load_yaml(condalock.render_environment_yml(lock, name="demo"))
+    env = load_yaml(condarender.render_environment_yml(lock, name="demo"))
     assert env["name"] == "demo" and env["channels"] == ["conda-forge", "nodefaults"]
     assert "python=3.11.7=h0" in env["dependencies"] and "pip" in env["dependencies"]
     assert env["dependencies"][-1] == {"pip": [f"numpy==1.26.4 --hash=sha256:{'f' * 64}"]}
