@@ -361,6 +361,64 @@ def test_random_op_in_call_is_named_at_save_and_in_the_fix(tmp_path: Path) -> No
     assert "always_dropout" in finding(doc, "nondeterministic_model")["fix"]
 
 
+NOISY_SUBCLASSED = """\
+import keras
+import noisy
+
+
+@keras.saving.register_keras_serializable(package="noisysub")
+class Block(keras.layers.Layer):
+    \"\"\"A user's block: a Dense, then the AlwaysDropout nested inside it.\"\"\"
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.dense = keras.layers.Dense(8, activation="relu", name="inner_dense")
+        self.noise = noisy.AlwaysDropout(0.5, name="always_dropout")
+
+    def call(self, x):
+        return self.noise(self.dense(x))
+
+
+@keras.saving.register_keras_serializable(package="noisysub")
+class Net(keras.Model):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.block = Block(name="block")
+        self.head = keras.layers.Dense(2, name="logits")
+
+    def call(self, x):
+        return self.head(self.block(x))
+"""
+
+MAKE_NOISY_SUBCLASSED = """\
+import sys
+import keras
+import numpy as np
+from noisysub import Net
+keras.utils.set_random_seed(0)
+m = Net(name="net")
+x = np.random.default_rng(0).standard_normal((8, 4)).astype("float32")
+m(x)
+m.save(sys.argv[1])
+np.save("probe.npy", x)
+"""
+
+
+def test_random_op_in_a_subclassed_model_is_named_at_save(tmp_path: Path) -> None:
+    """The same AlwaysDropout, nested in a user's layer inside a subclassed model (no graph to
+    cut into sub-models): save still names the user's layer that is random at inference."""
+    from test_check import NOISY_MODULE
+
+    root = new_project(tmp_path / "noisy-sub", noisy=NOISY_MODULE, noisysub=NOISY_SUBCLASSED)
+    run_script(root, "make_noisy_sub.py", MAKE_NOISY_SUBCLASSED, "sub.keras")
+    saved = save(root / "sub.keras", "--probe", "probe.npy")
+    assert saved["probe_repeatable"] is False
+    assert any("layer always_dropout is random at inference" in w for w in saved["warnings"]), saved["warnings"]
+    doc = check_json(root / "sub.keras", "--strategy", "current")
+    assert causes(doc)[:2] == ["random_layers_active", "nondeterministic_model"]
+    assert finding(doc, "random_layers_active")["evidence"]["current"] == "always_dropout"
+
+
 # --- 12.5: shell variables, oneDNN's effective state, a backend that is not there ---------------
 
 

@@ -14,7 +14,7 @@ import zipfile
 
 import numpy as np
 
-from .fingerprint import array_sha256
+from .fingerprint import array_sha256, walk_layers
 from .framework import import_keras, import_tf
 
 BUILTIN_PREFIXES = ("keras", "tensorflow", "tf_keras", "builtins", "numpy", "keras_nlp",
@@ -332,19 +332,7 @@ def describe_object(module: str, name: str, registered, model_classes):  # type:
 
 
 def _all_layers(model):  # type: ignore[no-untyped-def]
-    seen = []
-    stack = [model]
-    while stack:
-        layer = stack.pop()
-        if any(layer is s for s in seen):
-            continue
-        seen.append(layer)
-        for attr in ("layers", "_layers"):
-            subs = getattr(layer, attr, None)
-            if isinstance(subs, (list, tuple)):
-                stack.extend(subs)
-                break
-    return seen
+    return walk_layers(model, depth_first=True)
 
 
 def custom_objects(model, config, passed=None) -> list:  # type: ignore[no-untyped-def,type-arg]
@@ -414,28 +402,92 @@ def untracked_arrays(model) -> list:  # type: ignore[no-untyped-def,type-arg]
     return out
 
 
-def random_layer(model, inputs):  # type: ignore[no-untyped-def]
-    """The first layer (in the model's order) whose output differs between two calls on the
-    same inputs in inference mode: a random op in call() that ignores ``training``. None when
-    the model is not a functional graph whose layers can be called one by one, or none differs."""
-    keras = import_keras()
-    ins = getattr(model, "inputs", None)
-    if not ins:
+def _flat_arrays(x) -> list:  # type: ignore[no-untyped-def,type-arg]
+    if isinstance(x, dict):
+        return [a for k in sorted(x, key=str) for a in _flat_arrays(x[k])]
+    if isinstance(x, (list, tuple)):
+        return [a for v in x for a in _flat_arrays(v)]
+    try:
+        return [as_array(x)]
+    except Exception:
+        return []
+
+
+def _same(a: list, b: list) -> bool:  # type: ignore[type-arg]
+    return len(a) == len(b) and all(u.shape == v.shape and np.array_equal(u, v) for u, v in zip(a, b))
+
+
+def _record_calls(model, layers, x, log):  # type: ignore[no-untyped-def]
+    """Call the model once in inference mode, every layer's call() wrapped to append (layer,
+    its inputs, its outputs) to ``log`` as it returns: the innermost layers come first."""
+    originals = []
+    for layer in layers:
+        orig = layer.call
+
+        def wrapped(*args, __orig=orig, __layer=layer, **kwargs):  # type: ignore[no-untyped-def]
+            out = __orig(*args, **kwargs)
+            log.append((__layer, _flat_arrays(args[:1]), _flat_arrays(out)))
+            return out
+        object.__setattr__(layer, "call", wrapped)
+        originals.append(layer)
+    try:
+        model(x, training=False)
+    finally:
+        for layer in originals:
+            with contextlib.suppress(Exception):
+                object.__delattr__(layer, "call")
+
+
+def _random_by_hooks(model, x):  # type: ignore[no-untyped-def]
+    """Two eager calls, every layer's (nested ones too) inputs and outputs recorded: the
+    innermost user-written layer given the same inputs twice and answering otherwise (a
+    built-in layer there only does what the user's layer asks of it), else the innermost one."""
+    layers = [layer for layer in walk_layers(model) if layer is not model]
+    if not layers:
         return None
-    x = next(iter(inputs.values())) if len(inputs) == 1 else [inputs[k] for k in inputs]
+    first: list = []  # type: ignore[type-arg]
+    second: list = []  # type: ignore[type-arg]
+    _record_calls(model, layers, x, first)
+    _record_calls(model, layers, x, second)
+    if len(first) != len(second):
+        return None
+    random = [a[0] for a, b in zip(first, second)
+              if a[0] is b[0] and _same(a[1], b[1]) and not _same(a[2], b[2])]
+    for layer in random:
+        if not is_builtin(type(layer).__module__):
+            return layer.name
+    return random[0].name if random else None
+
+
+def _random_by_submodels(model, ins, x):  # type: ignore[no-untyped-def]
+    """A functional model's layers, each as the output of a sub-model called twice."""
+    keras = import_keras()
     for layer in getattr(model, "layers", []):
         if type(layer).__name__ == "InputLayer":
             continue
         try:
             sub = keras.Model(ins, layer.output)
             a, b = sub(x, training=False), sub(x, training=False)
-            flat_a = a if isinstance(a, (list, tuple)) else [a]
-            flat_b = b if isinstance(b, (list, tuple)) else [b]
-            if any(not np.array_equal(as_array(u), as_array(v)) for u, v in zip(flat_a, flat_b)):
+            if not _same(_flat_arrays(a), _flat_arrays(b)):
                 return layer.name
         except Exception:
             return None
     return None
+
+
+def random_layer(model, inputs):  # type: ignore[no-untyped-def]
+    """The layer whose output differs between two calls on the same inputs in inference mode:
+    a random op in call() that ignores ``training``. Functional or subclassed models, and
+    layers nested in either. None when none differs (or the model cannot be called so)."""
+    ins = getattr(model, "inputs", None)
+    x = next(iter(inputs.values())) if len(inputs) == 1 else [inputs[k] for k in inputs]
+    try:
+        found = _random_by_hooks(model, x)
+    except Exception:
+        found = None
+    if found is None and ins:
+        found = _random_by_submodels(model, ins, x)
+    return found
 
 
 # -- specs -------------------------------------------------------------------------------
