@@ -75,6 +75,7 @@ class Observed:
     determinism: Mapping[str, Any] | None = None
     packages: Mapping[str, str] | None = None
     custom_objects: list[Mapping[str, Any]] | None = None
+    modules: list[Mapping[str, Any]] | None = None  # modules imported before loading, as here
     fingerprint: Mapping[str, Any] | None = None
     load_error: Mapping[str, Any] | None = None
     static_findings: list[Mapping[str, Any]] = field(default_factory=list)
@@ -318,6 +319,30 @@ def _custom(m: Mapping[str, Any], o: Observed, c: _Collector) -> None:
               # computes (a helper it calls, or a global setting), so a setting that differs
               # for certain ranks above it.
               bonus=-12 if parts == ["module"] else 0)
+
+
+def _custom_modules(m: Mapping[str, Any], o: Observed, c: _Collector) -> None:
+    """The modules imported before loading at save (--custom-objects: say, one that only
+    registers classes, or sets what they read) against the copies imported here."""
+    current = {f.get("module"): f for f in o.modules or []}
+    changed = [(rec, current[rec["module"]]) for rec in m.get("custom_object_modules") or []
+               if rec.get("sha256") and (current.get(rec["module"]) or {}).get("sha256")
+               and current[rec["module"]]["sha256"] != rec["sha256"]]
+    if not changed:
+        return
+    names = ", ".join(rec["module"] for rec, _ in changed)
+    what = f"the module(s) {names} imported before loading (--custom-objects) changed since save"
+    details = {"modules": [rec["module"] for rec, _ in changed],
+               "module_files": [cur.get("file") for _, cur in changed]}
+    if c.has("custom_object_changed"):
+        c.annotate("custom_object_changed", what, **details)
+        return
+    c.add("custom_object_changed", what[0].upper() + what[1:],
+          {rec["module"]: rec["sha256"] for rec, _ in changed},
+          {rec["module"]: cur["sha256"] for rec, cur in changed},
+          "use the copies saved with the model ("
+          + ", ".join(rec.get("vendored") or rec["module"] for rec, _ in changed)
+          + "), or save again if the change is intended", **details)
 
 
 _BACKEND_PACKAGES = {"jax": ("jax", "jaxlib"), "torch": ("torch",), "tensorflow": ("tensorflow",),
@@ -605,6 +630,7 @@ def diagnose(manifest: Mapping[str, Any], locked: Mapping[str, str], observed: O
     c = _Collector(mismatch)
     _model(manifest, observed, c)
     _custom(manifest, observed, c)
+    _custom_modules(manifest, observed, c)
     _framework(manifest, observed, c)
     _packages(manifest, locked, observed, c)
     _python(manifest, observed, c)
