@@ -473,6 +473,12 @@ def _lock(path: Path, settings: Settings, options: SaveOptions, workdir: Path, m
         gpus = gpu_f.result()
 
     if mem is not None and mem.determinism:
+        # What the reload worker ran with, against the training process: the reference was
+        # computed with the worker's, so any that it could not take on is said.
+        worker = facts["determinism"]
+        loaded = {**loaded, "settings_not_applied": {
+            k: {"training": v, "reload": worker.get(k)} for k, v in mem.determinism.items()
+            if k in worker and v is not None and worker.get(k) is not None and worker.get(k) != v}}
         facts = {**facts, "determinism": {**facts["determinism"], **mem.determinism}}
     return _write(path, info, settings, options, host, gpus, dists, packages, lock_texts, loaded,
                   specs, fingerprint, mismatched, probe_in, reference, probe_source, repeatable, facts,
@@ -686,6 +692,11 @@ def _write(path: Path, info: ModelInfo, settings: Settings, options: SaveOptions
                         "--allow-mismatch)")
     if loaded.get("in_memory_warning"):
         warnings.append(loaded["in_memory_warning"])
+    if loaded.get("settings_not_applied"):
+        warnings.append("the reload worker could not take on the training process's "
+                        + ", ".join(f"{k} ({v['training']!r}; it had {v['reload']!r})"
+                                    for k, v in loaded["settings_not_applied"].items())
+                        + ": the reference was predicted without them")
     for u in loaded.get("untracked_lost") or []:
         warnings.append(f"layer {u['layer']}: {u['evidence']} (it is made anew at every load: make "
                         "it a weight with add_weight(trainable=False), or draw it from a seed in "

@@ -319,6 +319,47 @@ def test_api_save_honours_stored_jit_compile(jit_saved: Path, tmp_path: Path) ->
     assert finding(doc, "model_file_changed")["details"]["changed"] == []
 
 
+SETTINGS_SAVE = r"""
+import json
+import envlock, keras, numpy as np, tensorflow as tf
+
+tf.config.threading.set_intra_op_parallelism_threads(1)
+tf.config.threading.set_inter_op_parallelism_threads(2)
+tf.config.optimizer.set_jit("autoclustering")
+tf.config.experimental.enable_tensor_float_32_execution(False)
+keras.utils.set_random_seed(0)
+inp = keras.Input((4,), name="features")
+model = keras.Model(inp, keras.layers.Dense(2, name="logits")(keras.layers.Dense(8, name="hidden")(inp)))
+model.compile(optimizer="adam", loss="mse")
+X = np.random.default_rng(0).standard_normal((64, 4)).astype("float32")
+model.fit(X, X[:, :2], epochs=1, verbose=0)
+first = envlock.save(model, "first.keras").to_json()
+# TF32 and jit can change in a running process: the reused reload worker follows them.
+tf.config.experimental.enable_tensor_float_32_execution(True)
+tf.config.optimizer.set_jit(False)
+second = envlock.save(model, "second.keras").to_json()
+print(json.dumps([first["warnings"], second["warnings"]]))
+"""
+
+
+def test_api_save_applies_the_callers_threads_tf32_and_jit(tmp_path: Path) -> None:
+    """The reload worker predicts the reference with the training process's thread pools, TF32
+    and global jit (said in a warning where it could not), and they are recorded; a second save
+    after the script changed TF32 and jit reuses the worker and follows them."""
+    root = new_project(tmp_path / "settings")
+    out = run_script(root, "settings_save.py", SETTINGS_SAVE)
+    first, second = json.loads(out.strip().splitlines()[-1])
+    assert not any("could not take on" in w for w in first + second), (first, second)
+    d1 = manifest_of(root / "first.keras")["determinism"]
+    assert (d1["intra_op_threads"], d1["inter_op_threads"], d1["jit"], d1["tf32"]) == (1, 2, "autoclustering",
+                                                                                      False)
+    d2 = manifest_of(root / "second.keras")["determinism"]
+    assert (d2["intra_op_threads"], d2["jit"], d2["tf32"]) == (1, "", True)
+    # run and check apply the recorded ones in their worker: nothing differs.
+    doc = check_json(root / "first.keras", "--strategy", "current")
+    assert doc["status"] == "identical" and doc["findings"] == [], doc
+
+
 # --- 12.9: random state that no file keeps ------------------------------------------------------
 
 RANDOM_STATE = '''\
