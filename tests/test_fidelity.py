@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 from conftest import requires_tf
 from test_check import (
+    CONV_MODEL,
     ROOT,
     causes,
     check_json,
@@ -690,23 +691,17 @@ def test_keras2_env_unchanged_ten_times(tf215: Stack, tmp_path: Path) -> None:
 # - 12.1 (a damaged file) and 12.6 (Keras 2 LSTM under Keras 3) are about the current environment,
 #   not the reference; their own reference is the locked env's, tested in tests/test_legacy.py.
 
-CONV_TRAIN = """\
-import sys
-import keras
-import numpy as np
-keras.utils.set_random_seed(0)
-inp = keras.Input((16, 16, 8), name="image")
-x = keras.layers.Conv2D(16, 3, activation="relu", name="conv")(inp)
-x = keras.layers.Flatten(name="flat")(x)
-model = keras.Model(inp, keras.layers.Dense(10, name="logits")(x))
+# test_check's Conv2D (whose bits oneDNN changes), trained, with what it predicted for a probe.
+CONV_TRAIN = CONV_MODEL.replace("import keras\n", "import keras\nimport numpy as np\n").replace(
+    "model.save(sys.argv[1])\n", """\
 model.compile(optimizer="adam", loss="mse")
 X = np.random.default_rng(0).standard_normal((32, 16, 16, 8)).astype("float32")
 model.fit(X, X[:, :10, 0, 0], epochs=1, verbose=0)
-model.save("model.keras")
+model.save(sys.argv[1])
 probe = np.random.default_rng(5).standard_normal((16, 16, 16, 8)).astype("float32")
 np.save("probe.npy", probe)
 np.save("in_memory.npy", model.predict(probe, verbose=0))
-"""
+""")
 
 SEEDED_STATE = '''\
 import keras
@@ -759,8 +754,9 @@ def onednn_saved(tmp_path_factory: pytest.TempPathFactory) -> Path:
     has it), then `envlock save`d from that shell: its folder."""
     root = tmp_path_factory.mktemp("onednn")
     env = {k: v for k, v in os.environ.items() if k != "TF_ENABLE_ONEDNN_OPTS"}
-    p = subprocess.run([sys.executable, "-c", CONV_TRAIN], cwd=root, env=env, capture_output=True,
-                       text=True, timeout=900)
+    assert "model.fit" in CONV_TRAIN
+    p = subprocess.run([sys.executable, "-c", CONV_TRAIN, "model.keras"], cwd=root, env=env,
+                       capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stderr[-3000:]
     saved = envlock_cli("save", "model.keras", "--probe", "probe.npy", cwd=root,
                         unset=["TF_ENABLE_ONEDNN_OPTS"])
