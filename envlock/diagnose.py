@@ -332,17 +332,17 @@ def _custom_modules(m: Mapping[str, Any], o: Observed, c: _Collector) -> None:
         return
     names = ", ".join(rec["module"] for rec, _ in changed)
     what = f"the module(s) {names} imported before loading (--custom-objects) changed since save"
-    details = {"modules": [rec["module"] for rec, _ in changed],
-               "module_files": [cur.get("file") for _, cur in changed]}
+    modules = [rec["module"] for rec, _ in changed]
+    files = [cur.get("file") for _, cur in changed]
     if c.has("custom_object_changed"):
-        c.annotate("custom_object_changed", what, **details)
+        c.annotate("custom_object_changed", what, modules=modules, module_files=files)
         return
     c.add("custom_object_changed", what[0].upper() + what[1:],
           {rec["module"]: rec["sha256"] for rec, _ in changed},
           {rec["module"]: cur["sha256"] for rec, cur in changed},
           "use the copies saved with the model ("
           + ", ".join(rec.get("vendored") or rec["module"] for rec, _ in changed)
-          + "), or save again if the change is intended", **details)
+          + "), or save again if the change is intended", modules=modules, module_files=files)
 
 
 _BACKEND_PACKAGES = {"jax": ("jax", "jaxlib"), "torch": ("torch",), "tensorflow": ("tensorflow",),
