@@ -619,6 +619,7 @@ keras.Model(inp, keras.layers.Dense(2, name="logits")(x)).save(sys.argv[1])
 """
 
 
+@pytest.mark.slow
 def test_custom_objects_module_changed(tmp_path: Path) -> None:
     """A module given with --custom-objects that only registers a function (defined elsewhere,
     unchanged) is edited to also set what the function reads: no object's source changed, the

@@ -343,6 +343,7 @@ print(json.dumps([first["warnings"], second["warnings"]]))
 """
 
 
+@pytest.mark.slow
 def test_api_save_applies_the_callers_threads_tf32_and_jit(tmp_path: Path) -> None:
     """The reload worker predicts the reference with the training process's thread pools, TF32
     and global jit (said in a warning where it could not), and they are recorded; a second save
