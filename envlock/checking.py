@@ -129,6 +129,7 @@ def check(model: str | os.PathLike[str], *, atol: float | None = None, rtol: flo
                 raise
             _gather_facts(session, obs, loaded=True)
             obs.custom_objects = session.loaded.get("custom_objects")
+            obs.modules = session.prepared.get("module_facts")
             obs.static_findings = session.loaded.get("static_findings") or []
             jit = session.loaded.get("jit_compile") or {}
             obs.model_jit = jit.get("effective")

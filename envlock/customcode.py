@@ -170,7 +170,7 @@ _BUILTIN_TOPS = frozenset({"keras", "tensorflow", "tf_keras", "builtins", "numpy
 
 def read_config(path: Path) -> Any:
     """The saved model's config, read in this (the training) process; None if unreadable."""
-    from envlock._worker.model import read_file_config  # numpy + stdlib; h5py only for .h5
+    from envlock._worker.loading import read_file_config  # numpy + stdlib; h5py only for .h5
 
     with contextlib.suppress(Exception):
         return read_file_config(os.fspath(path))

@@ -8,323 +8,21 @@ Differences that cannot change predictions (a CLI tool's version) are not causes
 kept apart as ``notes``.
 """
 
-from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-# Cause codes and their prior likelihood of explaining a mismatch (higher first).
-PRIORS: dict[str, int] = {
-    "model_file_changed": 100,
-    "weights_not_restored": 96,
-    "custom_object_missing": 94,
-    "custom_object_changed": 90,
-    "keras_major_differs": 86,
-    "backend_differs": 84,
-    "dtype_policy_differs": 80,
-    "random_layers_active": 76,
-    "nondeterministic_model": 74,
-    "package_versions_differ": 60,
-    "onednn_differs": 58,
-    "xla_differs": 56,
-    "tf32_differs": 50,
-    "gpu_differs": 46,
-    "cuda_differs": 44,
-    "python_version_differs": 40,
-    "cpu_differs": 34,
-    "op_determinism_off": 28,
-    "threads_differ": 24,
-}
+from envlock.diagnose_model import custom_code, custom_modules, model_file
+from envlock.findings import NUMERIC_PACKAGES, PRIORS, Collector, Finding, Observed, minor
 
-# Packages whose version changes what a Keras/TensorFlow model computes.
-NUMERIC_PACKAGES = frozenset({
-    "tensorflow", "tensorflow-cpu", "tensorflow-intel", "tensorflow-macos", "tensorflow-metal",
-    "tensorflow-io-gcs-filesystem", "keras", "tf-keras", "numpy", "h5py", "ml-dtypes", "jax",
-    "jaxlib", "torch", "protobuf", "scipy", "keras-nlp", "keras-hub", "keras-cv", "tensorflow-hub",
-    "tensorflow-text", "intel-extension-for-tensorflow",
-})
-
-
-@dataclass(frozen=True)
-class Finding:
-    code: str
-    summary: str
-    recorded: Any
-    current: Any
-    fix: str
-    score: int
-    rank: int = 0
-    details: dict[str, Any] = field(default_factory=dict)
-
-    def to_json(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["evidence"] = {"recorded": d.pop("recorded"), "current": d.pop("current")}
-        return d
-
-
-@dataclass
-class Observed:
-    """What the target showed. None where it could not be observed (e.g. the load failed)."""
-
-    model_sha256: str | None = None
-    python: Mapping[str, Any] | None = None
-    platform: Mapping[str, Any] | None = None
-    gpu: Mapping[str, Any] | None = None
-    framework: Mapping[str, Any] | None = None
-    determinism: Mapping[str, Any] | None = None
-    packages: Mapping[str, str] | None = None
-    custom_objects: list[Mapping[str, Any]] | None = None
-    fingerprint: Mapping[str, Any] | None = None
-    load_error: Mapping[str, Any] | None = None
-    static_findings: list[Mapping[str, Any]] = field(default_factory=list)
-    in_process_equal: bool | None = None
-    cross_process_equal: bool | None = None
-    custom_modules: frozenset[str] = frozenset()
-    untracked_arrays: list[Mapping[str, Any]] | None = None  # layers' plain numpy attributes
-    model_jit: bool | None = None  # the loaded model's jit_compile as it predicted here
-    jit_not_honoured: Any = None  # the jit_compile a file stores, where it could not be applied
-    # The shell's values of the recorded variables where envlock replaced them with the
-    # recorded ones (None: the shell's values were passed through, --no-recorded-env).
-    shell_env: Mapping[str, str | None] | None = None
-
-
-def _minor(v: Any) -> str:
-    return ".".join(str(v).split(".")[:2])
-
-
-def _major(v: Any) -> str:
-    return str(v).split(".")[0]
-
-
-class _Collector:
-    def __init__(self, mismatch: bool) -> None:
-        self.items: list[Finding] = []
-        self.notes: list[dict[str, Any]] = []
-        self.mismatch = mismatch
-
-    def add(self, code: str, summary: str, recorded: Any, current: Any, fix: str, *, bonus: int = 0,
-            **details: Any) -> None:
-        if any(f.code == code for f in self.items):
-            return
-        self.items.append(Finding(code, summary, recorded, current, fix, PRIORS[code] + bonus,
-                                  details=details))
-
-    def has(self, code: str) -> bool:
-        return any(f.code == code for f in self.items)
-
-    def annotate(self, code: str, also: str, **details: Any) -> None:
-        """Add evidence to a finding already made (findings are frozen: replaced)."""
-        self.items = [replace(f, summary=f"{f.summary}; {also}", details={**f.details, **details})
-                      if f.code == code else f for f in self.items]
-
-    def ranked(self) -> list[Finding]:
-        order = sorted(self.items, key=lambda f: -f.score)
-        return [Finding(f.code, f.summary, f.recorded, f.current, f.fix, f.score, i + 1, f.details)
-                for i, f in enumerate(order)]
-
-
-def _initial_value_hashes(var: Mapping[str, Any]) -> set[str]:
-    """The hashes a variable of this shape and dtype has at its usual initial values (zeros for
-    biases, betas and moving means; ones for gammas and moving variances)."""
-    import numpy as np
-
-    from envlock._worker.fingerprint import array_sha256
-
-    try:
-        shape, dtype = tuple(int(d) for d in var["shape"]), np.dtype(var["dtype"])
-    except (KeyError, TypeError, ValueError):
-        return set()
-    return {array_sha256(np.zeros(shape, dtype)), array_sha256(np.ones(shape, dtype))}
-
-
-def compare_variables(recorded: list[Mapping[str, Any]], current: list[Mapping[str, Any]]
-                      ) -> dict[str, Any]:
-    """The recorded and current variables matched by path, summed up per layer.
-
-    A layer is unchanged, changed, new (only here) or gone (only at save); a gone and a new
-    layer whose variables have the same shapes, in order, are one layer renamed. A variable
-    that differs and now holds its initial value (all zeros or all ones where the recorded one
-    did not) says the layer's weights were never loaded into it.
-    """
-    from envlock._worker.fingerprint import layer_of
-
-    rec = {str(v["path"]): v for v in recorded}
-    cur = {str(v["path"]): v for v in current}
-    layers: dict[str, dict[str, list[str]]] = {}
-
-    def mark(layer: str, state: str, var: str) -> None:
-        layers.setdefault(layer, {}).setdefault(state, []).append(var)
-
-    initial: list[str] = []
-    for path, v in cur.items():
-        r = rec.get(path)
-        if r is None:
-            mark(layer_of(path), "new", path)
-        elif r["sha256"] == v["sha256"]:
-            mark(layer_of(path), "unchanged", path)
-        else:
-            mark(layer_of(path), "changed", path)
-            if v["sha256"] in _initial_value_hashes(v) and r["sha256"] not in _initial_value_hashes(r):
-                initial.append(path)
-    for path in rec:
-        if path not in cur:
-            mark(layer_of(path), "gone", path)
-    gone = [k for k, st in layers.items() if set(st) == {"gone"}]
-    new = [k for k, st in layers.items() if set(st) == {"new"}]
-    renamed: dict[str, str] = {}
-    for g in gone:
-        shapes = [rec[p]["shape"] for p in layers[g]["gone"]]
-        for n in new:
-            if n not in renamed.values() and [cur[p]["shape"] for p in layers[n]["new"]] == shapes:
-                renamed[g] = n
-                break
-    for g, n in renamed.items():
-        pairs = list(zip(layers[g]["gone"], layers[n]["new"]))
-        if all(rec[a]["sha256"] == cur[b]["sha256"] for a, b in pairs):
-            continue
-        for a, b in pairs:
-            if rec[a]["sha256"] != cur[b]["sha256"] and cur[b]["sha256"] in _initial_value_hashes(cur[b]) \
-                    and rec[a]["sha256"] not in _initial_value_hashes(rec[a]):
-                initial.append(b)
-
-    def state(st: dict[str, list[str]]) -> str:
-        if set(st) == {"unchanged"}:
-            return "unchanged"
-        if set(st) == {"new"}:
-            return "new"
-        if set(st) == {"gone"}:
-            return "gone"
-        return "changed"
-
-    by_state: dict[str, list[str]] = {"unchanged": [], "changed": [], "new": [], "gone": []}
-    for layer, st in layers.items():
-        by_state[state(st)].append(layer)
-    for g, n in renamed.items():
-        by_state["gone"].remove(g)
-        by_state["new"].remove(n)
-        same = all(rec[a]["sha256"] == cur[b]["sha256"]
-                   for a, b in zip(layers[g]["gone"], layers[n]["new"]))
-        (by_state["unchanged"] if same else by_state["changed"]).append(n)
-    return {**{k: sorted(v) for k, v in by_state.items()}, "renamed": renamed,
-            "initial_values": sorted({layer_of(p) for p in initial}),
-            "initial_variables": sorted(initial)}
-
-
-def _model(m: Mapping[str, Any], o: Observed, c: _Collector) -> None:
-    rec = m["model"]["sha256"]
-    if o.model_sha256 is not None and o.model_sha256 != rec:
-        _changed_file(m, o, c, m.get("weights") or {})
-    w = m.get("weights") or {}
-    custom = [str(x.get("qualname")) for x in m.get("custom_objects") or [] if x.get("kind") == "class"]
-    fix = ("give the custom layer ({}) a build() that creates its weights (and do not override "
-           "load_own_variables without restoring them), then save again".format(", ".join(custom))
-           if custom else "the model has no custom layer: save it again with Keras and `envlock save`; "
-           "if the weights still differ, report it to envlock")
-    if w.get("restored") is False:
-        here = None if o.fingerprint is None else (
-            "same weights as at save" if o.fingerprint.get("overall") == w.get("overall")
-            else "other weights than at save")
-        c.add("weights_not_restored",
-              f"at save, layer(s) {', '.join(w.get('mismatched_layers') or [])} did not get their "
-              "weights back when the file was loaded", "not restored (saved with --allow-mismatch)",
-              here, fix, layers=w.get("mismatched_layers"))
-    elif o.fingerprint is not None and o.model_sha256 in (None, rec) \
-            and o.fingerprint.get("overall") != w.get("overall"):
-        rec_vars = w.get("variables") or []
-        cur_vars = o.fingerprint.get("variables") or []
-        layers = sorted({str(cv["path"]).rsplit("/", 1)[0] for rv, cv in zip(rec_vars, cur_vars)
-                         if rv["sha256"] != cv["sha256"]})
-        c.add("weights_not_restored", "the weights loaded from the unchanged file differ from "
-              f"those recorded at save (layers: {', '.join(layers) or 'variable count differs'})",
-              w.get("overall"), o.fingerprint.get("overall"), fix, layers=layers)
-
-
-_CODE_HASHES = (("class", "source_sha256"), ("module", "file_sha256"))
-
-
-def _changed_file(m: Mapping[str, Any], o: Observed, c: _Collector, w: Mapping[str, Any]) -> None:
-    """The file differs from the one saved: say what in it differs, weight by weight."""
-    rec = m["model"]["sha256"]
-    name = m["model"]["file"]
-    restore = f"restore the original {name} (sha256 {rec[:12]}… in the sidecar)"
-    if o.fingerprint is None or not w.get("variables"):
-        c.add("model_file_changed", f"{name} was modified after it was saved (it could not be "
-              "loaded to compare its weights)", rec, o.model_sha256,
-              f"{restore}; saving again would lock in whatever changed")
-        return
-    diff = compare_variables(w.get("variables") or [], o.fingerprint.get("variables") or [])
-    parts = []
-    for key, label in (("changed", "changed"), ("new", "new"), ("gone", "gone")):
-        if diff[key]:
-            parts.append(f"{label}: {', '.join(diff[key])}")
-    if diff["renamed"]:
-        parts.append("renamed: " + ", ".join(f"{a} → {b}" for a, b in diff["renamed"].items()))
-    what = "; ".join(parts) if parts else "its weights are all the same (only the file's other " \
-        "content changed)"
-    c.add("model_file_changed", f"{name} was modified after it was saved; layers {what}",
-          rec, o.model_sha256,
-          f"{restore}; to see what changed, compare the layers listed (saving again would lock "
-          "the change in)",
-          bonus=0 if parts else -40, **{k: diff[k] for k in ("unchanged", "changed", "new", "gone",
-                                                             "renamed")})
-    if diff["initial_values"]:
-        layers = diff["initial_values"]
-        c.add("weights_not_restored",
-              f"layer(s) {', '.join(layers)} hold their initial values in the new file (variables "
-              f"{', '.join(diff['initial_variables'])} are all zeros or ones, and were not at save): "
-              "their weights were never loaded into them",
-              {"layers": layers, "at_save": "trained values"}, {"layers": layers, "here": "initial values"},
-              "load the weights under the layer names they were saved with (load_weights(by_name=True, "
-              "skip_mismatch=True) silently skips a renamed layer), or restore the original file",
-              bonus=6, layers=layers, variables=diff["initial_variables"],
-              renamed=diff["renamed"])
-
-
-def _custom(m: Mapping[str, Any], o: Observed, c: _Collector) -> None:
-    if o.load_error is not None and o.load_error.get("cause") == "custom_object_missing":
-        c.add("custom_object_missing", f"the model does not load: {o.load_error.get('message')}",
-              [f"{x['module']}.{x['qualname']}" for x in m.get("custom_objects", [])], None,
-              "make the module importable (install its package, or run with the sidecar's code/ "
-              "trusted: --trust-code), or pass --custom-objects MODULE")
-    if o.custom_objects is None:
-        return
-    current = {(x.get("registered_name") or f"{x['module']}.{x['qualname']}"): x for x in o.custom_objects}
-    changed: list[tuple[str, Mapping[str, Any], Mapping[str, Any], list[str]]] = []
-    for rec in m.get("custom_objects", []):
-        key = rec.get("registered_name") or f"{rec['module']}.{rec['qualname']}"
-        cur = current.get(key)
-        if cur is None or not cur.get("importable", True):
-            c.add("custom_object_missing", f"custom object {key} is not available at load", key, None,
-                  f"install or put on the path the module {rec['module']} (the sidecar has its source"
-                  f"{' in ' + rec['vendored'] if rec.get('vendored') else ''})")
-        else:
-            # The class's own text, and the whole module that defines it (a module-level helper
-            # the class calls changes what it computes as much as its own code does).
-            parts = [p for p, k in _CODE_HASHES if rec.get(k) and cur.get(k) and rec[k] != cur[k]]
-            if parts:
-                changed.append((key, rec, cur, parts))
-    # One finding: the object whose own source changed explains more than a module-mate.
-    for key, rec, cur, parts in sorted(changed, key=lambda t: "class" not in t[3]):
-        what = ("its source" if parts == ["class"] else
-                f"its defining module {cur.get('module')} (its own source is unchanged)"
-                if parts == ["module"] else f"its source and its defining module {cur.get('module')}")
-        c.add("custom_object_changed", f"{key} is bound to different code than at save: {what} changed",
-              {p: rec.get(k) for p, k in _CODE_HASHES}, {p: cur.get(k) for p, k in _CODE_HASHES},
-              f"use the source saved with the model ({rec.get('vendored') or 'see REPRODUCE.md'}), or "
-              "save again if the change is intended", module=cur.get("module"),
-              file=cur.get("file"), changed=parts,
-              # Only the module around it changed: it may or may not touch what the object
-              # computes (a helper it calls, or a global setting), so a setting that differs
-              # for certain ranks above it.
-              bonus=-12 if parts == ["module"] else 0)
+__all__ = ["NUMERIC_PACKAGES", "PRIORS", "Finding", "Observed", "diagnose"]
 
 
 _BACKEND_PACKAGES = {"jax": ("jax", "jaxlib"), "torch": ("torch",), "tensorflow": ("tensorflow",),
                      "numpy": ("numpy",)}
 
 
-def _framework(m: Mapping[str, Any], o: Observed, c: _Collector) -> None:
+def _framework(m: Mapping[str, Any], o: Observed, c: Collector) -> None:
     rec = m.get("framework") or {}
     cur = o.framework
     if cur is None:
@@ -354,7 +52,7 @@ def _framework(m: Mapping[str, Any], o: Observed, c: _Collector) -> None:
               f"set KERAS_BACKEND={backend}")
 
 
-def _packages(m: Mapping[str, Any], locked: Mapping[str, str], o: Observed, c: _Collector) -> None:
+def _packages(m: Mapping[str, Any], locked: Mapping[str, str], o: Observed, c: Collector) -> None:
     if o.packages is None or not locked:
         return
     ignore = {"envlock", "pip", "setuptools", "wheel", "uv"}
@@ -373,7 +71,7 @@ def _packages(m: Mapping[str, Any], locked: Mapping[str, str], o: Observed, c: _
     if matter:
         bonus = 0
         # A major or minor release of TensorFlow/Keras/numpy changes kernels; a patch rarely does.
-        if any(a and b and _minor(a) != _minor(b) for a, b in matter.values()):
+        if any(a and b and minor(a) != minor(b) for a, b in matter.values()):
             bonus = 10
         names = ", ".join(f"{k} {a or '-'} → {b or '-'}" for k, (a, b) in matter.items())
         c.add("package_versions_differ", f"packages that change what the model computes differ: {names}",
@@ -385,17 +83,17 @@ def _packages(m: Mapping[str, Any], locked: Mapping[str, str], o: Observed, c: _
                         "packages": {k: {"recorded": a, "current": b} for k, (a, b) in rest.items()}})
 
 
-def _python(m: Mapping[str, Any], o: Observed, c: _Collector) -> None:
+def _python(m: Mapping[str, Any], o: Observed, c: Collector) -> None:
     rec = (m.get("python") or {}).get("version")
     cur = (o.python or {}).get("version")
     if rec and cur and rec != cur:
-        minor = _minor(rec) != _minor(cur)
+        other_minor = minor(rec) != minor(cur)
         c.add("python_version_differs", f"Python {cur} instead of {rec}", rec, cur,
               f"run with Python {rec} (`uv python install {rec}`; envlock run finds it)",
-              bonus=0 if minor else -20)
+              bonus=0 if other_minor else -20)
 
 
-def _determinism(m: Mapping[str, Any], o: Observed, c: _Collector, on_gpu: bool) -> None:
+def _determinism(m: Mapping[str, Any], o: Observed, c: Collector, on_gpu: bool) -> None:
     rec = m.get("determinism") or {}
     cur = o.determinism
     if cur is None:
@@ -473,7 +171,7 @@ def _determinism(m: Mapping[str, Any], o: Observed, c: _Collector, on_gpu: bool)
               "reductions split work by thread count")
 
 
-def _hardware(m: Mapping[str, Any], o: Observed, c: _Collector) -> bool:
+def _hardware(m: Mapping[str, Any], o: Observed, c: Collector) -> bool:
     rgpus = [g.get("name") for g in ((m.get("gpu") or {}).get("gpus") or [])]
     cgpus = [g.get("name") for g in ((o.gpu or {}).get("gpus") or [])] if o.gpu is not None else None
     # A GPU the framework did not see (a CPU-only build, CUDA_VISIBLE_DEVICES="") computed
@@ -516,7 +214,7 @@ def _hardware(m: Mapping[str, Any], o: Observed, c: _Collector) -> bool:
     return bool(rgpus or cgpus) and not cpu_only
 
 
-def _randomness(m: Mapping[str, Any], o: Observed, c: _Collector) -> None:
+def _randomness(m: Mapping[str, Any], o: Observed, c: Collector) -> None:
     untracked: list[Mapping[str, Any]] = []
     for s in [*(m.get("static_findings") or []), *o.static_findings]:
         if s.get("code") == "random_layers_active":
@@ -577,7 +275,7 @@ def _randomness(m: Mapping[str, Any], o: Observed, c: _Collector) -> None:
               fix, in_process=o.in_process_equal, cross_process=o.cross_process_equal)
 
 
-def _shell(m: Mapping[str, Any], o: Observed, c: _Collector) -> None:
+def _shell(m: Mapping[str, Any], o: Observed, c: Collector) -> None:
     """Variables this shell sets otherwise than recorded: envlock used the recorded values, and
     says so, with both, because a plain `python` in this shell would not."""
     if o.shell_env is None:
@@ -602,9 +300,10 @@ def _shell(m: Mapping[str, Any], o: Observed, c: _Collector) -> None:
 def diagnose(manifest: Mapping[str, Any], locked: Mapping[str, str], observed: Observed, *,
              mismatch: bool) -> tuple[list[Finding], list[dict[str, Any]]]:
     """Findings ranked (1 = most likely cause of a mismatch), and notes that are not causes."""
-    c = _Collector(mismatch)
-    _model(manifest, observed, c)
-    _custom(manifest, observed, c)
+    c = Collector(mismatch)
+    model_file(manifest, observed, c)
+    custom_code(manifest, observed, c)
+    custom_modules(manifest, observed, c)
     _framework(manifest, observed, c)
     _packages(manifest, locked, observed, c)
     _python(manifest, observed, c)

@@ -170,6 +170,7 @@ class ModelSession:
         self.seconds: dict[str, float] = {}
         self._tmp = Path(tempfile.mkdtemp(prefix="envlock-run-"))
         self.loaded: dict[str, Any] = {}
+        self.prepared: dict[str, Any] = {}  # the worker's answer to `prepare` (modules imported...)
 
     # -- lifecycle -------------------------------------------------------------------------
     def __enter__(self) -> ModelSession:
@@ -258,7 +259,8 @@ class ModelSession:
         where = "sys_path" if self.code_first else "sys_path_append"
         # --no-recorded-env: this environment as it is, its in-process settings included.
         settings = recorded_settings(self.sidecar) if self.use_recorded_env else {}
-        self.client.request("prepare", {where: code_path, "modules": modules, "settings": settings})
+        self.prepared = self.client.request("prepare", {where: code_path, "modules": modules,
+                                                         "settings": settings})
         self.seconds["worker_start"] = time.perf_counter() - t
         t = time.perf_counter()
         self._stage("loading the model")

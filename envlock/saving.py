@@ -93,10 +93,12 @@ class _InMemory:
 
 
 
-# What the reload worker is given from the caller before it loads: these change how the model
-# is built. Threads, TF32 and jit cannot be changed in a running worker; they are recorded.
-_CALLER_SETTINGS = ("dtype_policy", "floatx", "op_determinism")
-_CALLER_RECORDED = (*_CALLER_SETTINGS, "tf32", "intra_op_threads", "inter_op_threads", "jit")
+# What the reload worker is given from the caller before each load: these change how the model
+# is built and what it predicts. The thread pools cannot change once TensorFlow has run an op:
+# they are given when the worker starts, and a worker started with others is not reused.
+_CALLER_SETTINGS = ("dtype_policy", "floatx", "op_determinism", "tf32", "jit")
+_CALLER_THREADS = ("intra_op_threads", "inter_op_threads")
+_CALLER_RECORDED = (*_CALLER_SETTINGS, *_CALLER_THREADS)
 
 
 def _caller_facts(model: Any) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -125,13 +127,29 @@ def _worker_env() -> dict[str, str]:
     return env
 
 
-def _start_worker(log_dir: Path, sys_path: Sequence[str], modules: Sequence[str]) -> tuple[WorkerClient,
-                                                                                         tuple[int, str]]:
+def _caller_threads() -> dict[str, Any]:
+    """This process's TensorFlow thread pools (0: TensorFlow's default), when TensorFlow is
+    already imported here; {} otherwise (a prewarm at the top of a script: the defaults)."""
+    if "tensorflow" not in sys.modules:
+        return {}
+    from envlock._worker.framework import determinism_facts
+
+    try:
+        facts = determinism_facts()
+    except Exception:
+        return {}
+    return {k: facts.get(k) for k in _CALLER_THREADS if facts.get(k)}
+
+
+def _start_worker(log_dir: Path, sys_path: Sequence[str], modules: Sequence[str],
+                  threads: Mapping[str, Any] | None = None) -> tuple[WorkerClient, tuple[int, str]]:
     client = WorkerClient(sys.executable, env=_worker_env(),
                           log_path=log_dir / f"save-worker-{os.getpid()}-{time.time_ns()}.log",
                           cwd=os.getcwd(), timeout=600)
     client.start()
-    ticket = client.send("prepare", {"sys_path": list(sys_path), "modules": list(modules)})
+    # The thread pools are set in `prepare`, after TensorFlow's import and before its first op.
+    ticket = client.send("prepare", {"sys_path": list(sys_path), "modules": list(modules),
+                                     "settings": dict(threads or {})})
     return client, ticket
 
 
@@ -191,15 +209,17 @@ def prewarm(*, custom_objects: Sequence[str] = (), settings: Settings | None = N
     settings = settings or Settings.from_env()
     sys_path = _save_sys_path()
     logs = log_dir(settings)
-    client, ticket = _start_worker(logs, sys_path, custom_objects)
-    _RELOADER.release(_reload_key(sys_path, custom_objects), client, keep=True, pending=ticket)
+    threads = _caller_threads()
+    client, ticket = _start_worker(logs, sys_path, custom_objects, threads)
+    _RELOADER.release(_reload_key(sys_path, custom_objects, threads), client, keep=True, pending=ticket)
 
 
 _RELOADER = _Reloader()
 
 
-def _reload_key(sys_path: Sequence[str], modules: Sequence[str]) -> str:
+def _reload_key(sys_path: Sequence[str], modules: Sequence[str], threads: Mapping[str, Any]) -> str:
     parts = [sys.executable, os.getcwd(), *sys_path, "|", *modules, "|",
+             *(f"{k}={v}" for k, v in sorted(threads.items())), "|",
              *(f"{k}={v}" for k, v in sorted(os.environ.items()))]
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()
 
@@ -252,10 +272,12 @@ def save(model: Any, path: str | os.PathLike[str], *, probe: Any = None, setting
     settings = settings or Settings.from_env()
     workdir = Path(tempfile.mkdtemp(prefix="envlock-save-"))
     sys_path = _save_sys_path()
-    key = _reload_key(sys_path, custom_objects)
+    threads = _caller_threads()
+    key = _reload_key(sys_path, custom_objects, threads)
     logs = log_dir(settings)
     try:
-        client, ticket = _RELOADER.acquire(key, lambda: _start_worker(logs, sys_path, custom_objects))
+        client, ticket = _RELOADER.acquire(
+            key, lambda: _start_worker(logs, sys_path, custom_objects, threads))
         keep = False
         try:
             model.save(os.fspath(path), **save_kwargs)
@@ -451,6 +473,12 @@ def _lock(path: Path, settings: Settings, options: SaveOptions, workdir: Path, m
         gpus = gpu_f.result()
 
     if mem is not None and mem.determinism:
+        # What the reload worker ran with, against the training process: the reference was
+        # computed with the worker's, so any that it could not take on is said.
+        worker = facts["determinism"]
+        loaded = {**loaded, "settings_not_applied": {
+            k: {"training": v, "reload": worker.get(k)} for k, v in mem.determinism.items()
+            if k in worker and v is not None and worker.get(k) is not None and worker.get(k) != v}}
         facts = {**facts, "determinism": {**facts["determinism"], **mem.determinism}}
     return _write(path, info, settings, options, host, gpus, dists, packages, lock_texts, loaded,
                   specs, fingerprint, mismatched, probe_in, reference, probe_source, repeatable, facts,
@@ -664,6 +692,11 @@ def _write(path: Path, info: ModelInfo, settings: Settings, options: SaveOptions
                         "--allow-mismatch)")
     if loaded.get("in_memory_warning"):
         warnings.append(loaded["in_memory_warning"])
+    if loaded.get("settings_not_applied"):
+        warnings.append("the reload worker could not take on the training process's "
+                        + ", ".join(f"{k} ({v['training']!r}; it had {v['reload']!r})"
+                                    for k, v in loaded["settings_not_applied"].items())
+                        + ": the reference was predicted without them")
     for u in loaded.get("untracked_lost") or []:
         warnings.append(f"layer {u['layer']}: {u['evidence']} (it is made anew at every load: make "
                         "it a weight with add_weight(trainable=False), or draw it from a seed in "

@@ -588,3 +588,53 @@ def test_python_version_differs(saved_on_other_python: Path) -> None:
     assert causes(doc) == ["python_version_differs"]
     assert finding(doc, "python_version_differs")["evidence"] == {"recorded": recorded,
                                                                   "current": platform.python_version()}
+
+
+PLAINACT = """\
+from keras import ops
+
+SLOPE = 1.0
+
+
+def act(x):
+    return ops.tanh(SLOPE * x)
+"""
+
+REGACT = """\
+import keras
+import plainact
+
+keras.saving.register_keras_serializable(package="reg", name="act")(plainact.act)
+"""
+
+MAKE_REGACT = """\
+import sys
+import keras
+import regact  # noqa: F401  (registers reg>act)
+import plainact
+keras.utils.set_random_seed(0)
+inp = keras.Input((4,), name="features")
+x = keras.layers.Dense(8, activation=plainact.act, name="hidden")(inp)
+keras.Model(inp, keras.layers.Dense(2, name="logits")(x)).save(sys.argv[1])
+"""
+
+
+@pytest.mark.slow
+def test_custom_objects_module_changed(tmp_path: Path) -> None:
+    """A module given with --custom-objects that only registers a function (defined elsewhere,
+    unchanged) is edited to also set what the function reads: no object's source changed, the
+    predictions did. check names the registering module."""
+    root = new_project(tmp_path / "reg", plainact=PLAINACT, regact=REGACT, make_regact=MAKE_REGACT)
+    subprocess.run([sys.executable, "make_regact.py", "reg.keras"], cwd=root, check=True,
+                   capture_output=True, timeout=600)
+    save(root / "reg.keras", "--custom-objects", "regact")
+    clean = check_json(root / "reg.keras", "--strategy", "current")
+    assert clean["status"] == "identical" and clean["findings"] == [], clean
+    (root / "regact.py").write_text(REGACT + "plainact.SLOPE = 3.0\n")
+    doc = check_json(root / "reg.keras", "--strategy", "current")
+    assert doc["status"] == "mismatch"
+    assert causes(doc) == ["custom_object_changed"]
+    f = finding(doc, "custom_object_changed")
+    assert "regact" in f["summary"] and f["details"]["modules"] == ["regact"]
+    assert f["details"]["module_files"] == [str((root / "regact.py").resolve())]
+    assert "code/regact.py" in f["fix"]

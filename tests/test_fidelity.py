@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 from conftest import requires_tf
 from test_check import (
+    CONV_MODEL,
     ROOT,
     causes,
     check_json,
@@ -234,9 +235,11 @@ def manifest_of(model: Path) -> dict[str, Any]:
 
 
 @pytest.mark.slow
-def test_api_save_refuses_a_reload_that_lost_state(tmp_path: Path) -> None:
+def test_api_save_refuses_a_reload_that_lost_state(tmp_path: Path, host_venv: Path) -> None:
     """Bin boundaries outside the config come back as the defaults: the weights compare equal,
-    the predictions do not. Refused; with allow_mismatch the reference is the in-memory model's."""
+    the predictions do not. Refused; with allow_mismatch the reference is the in-memory model's.
+    The training process's bits cannot come back from this file on any machine (the file lacks
+    the state), so a host without TensorFlow must refuse too, not hand out other numbers."""
     root = new_project(tmp_path / "bucket")
     doc = api_save(root, "bucket")
     assert doc["error"] == "MismatchError", doc
@@ -252,15 +255,39 @@ def test_api_save_refuses_a_reload_that_lost_state(tmp_path: Path) -> None:
     np.save(root / "x.npy", np.random.default_rng(5).standard_normal((24, 4)).astype("float32"))
     res = envlock_cli("run", "api.keras", "--input", "x.npy", "--strategy", "current", cwd=root)
     assert res.returncode == 1 and "do not match the lock" in res.stderr
+    from test_run import UV, _env
+
+    host = subprocess.run([str(host_venv / "bin" / "envlock"), "run", "api.keras", "--input", "x.npy",
+                           "--output", "y.npy"], cwd=root, env=_env(ENVLOCK_UV=str(UV)),
+                          capture_output=True, text=True, timeout=900)
+    assert host.returncode == 1 and "do not match the lock" in host.stderr, host.stderr[-2000:]
+    assert not (root / "y.npy").exists()
 
 
-def test_api_save_records_the_training_process_policy(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def mixed_saved(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """API_SAVE's "mixed" variant trained and saved with envlock.save: its folder (api.keras,
+    in_memory.npy: what the training process predicted for the probe)."""
+    root = new_project(tmp_path_factory.mktemp("mixed") / "p")
+    doc = api_save(root, "mixed")
+    assert "error" not in doc, doc
+    return root
+
+
+@pytest.fixture(scope="module")
+def jit_saved(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """API_SAVE's "jit" variant (compile(jit_compile=True)) saved with envlock.save: its folder."""
+    root = new_project(tmp_path_factory.mktemp("jit") / "p")
+    doc = api_save(root, "jit")
+    assert "error" not in doc, doc
+    return root
+
+
+def test_api_save_records_the_training_process_policy(mixed_saved: Path) -> None:
     """A training script under mixed_float16 with a layer whose get_config drops its dtype: the
     reference is what the in-memory (mixed precision) model predicts, the policy is recorded,
     and check re-applies it: identical, no finding."""
-    root = new_project(tmp_path / "mixed")
-    doc = api_save(root, "mixed")
-    assert "error" not in doc, doc
+    root = mixed_saved
     m = manifest_of(root / "api.keras")
     assert m["determinism"]["dtype_policy"] == "mixed_float16"
     ref = reference_of(root / "api.keras")
@@ -271,12 +298,11 @@ def test_api_save_records_the_training_process_policy(tmp_path: Path) -> None:
     assert same["status"] == "identical" and same["findings"] == [], same
 
 
-def test_api_save_honours_stored_jit_compile(tmp_path: Path) -> None:
+def test_api_save_honours_stored_jit_compile(jit_saved: Path, tmp_path: Path) -> None:
     """compile(jit_compile=True) is stored in the .keras file: the reference is made with it (as
     the in-memory model predicted), it is recorded, check honours it again."""
-    root = new_project(tmp_path / "jit")
-    doc = api_save(root, "jit")
-    assert "error" not in doc, doc
+    root = tmp_path / "jit"
+    shutil.copytree(jit_saved, root)  # the file is changed below; the fixture's stays as saved
     m = manifest_of(root / "api.keras")
     assert m["model"]["stored_jit_compile"] is True and m["model"]["jit_compile"] is True
     assert np.array_equal(reference_of(root / "api.keras")["logits"], np.load(root / "in_memory.npy"))
@@ -292,6 +318,48 @@ def test_api_save_honours_stored_jit_compile(tmp_path: Path) -> None:
     assert xla["evidence"]["current"]["model_jit_compile"] is False
     assert "jit_compile = True" in xla["fix"]
     assert finding(doc, "model_file_changed")["details"]["changed"] == []
+
+
+SETTINGS_SAVE = r"""
+import json
+import envlock, keras, numpy as np, tensorflow as tf
+
+tf.config.threading.set_intra_op_parallelism_threads(1)
+tf.config.threading.set_inter_op_parallelism_threads(2)
+tf.config.optimizer.set_jit("autoclustering")
+tf.config.experimental.enable_tensor_float_32_execution(False)
+keras.utils.set_random_seed(0)
+inp = keras.Input((4,), name="features")
+model = keras.Model(inp, keras.layers.Dense(2, name="logits")(keras.layers.Dense(8, name="hidden")(inp)))
+model.compile(optimizer="adam", loss="mse")
+X = np.random.default_rng(0).standard_normal((64, 4)).astype("float32")
+model.fit(X, X[:, :2], epochs=1, verbose=0)
+first = envlock.save(model, "first.keras").to_json()
+# TF32 and jit can change in a running process: the reused reload worker follows them.
+tf.config.experimental.enable_tensor_float_32_execution(True)
+tf.config.optimizer.set_jit(False)
+second = envlock.save(model, "second.keras").to_json()
+print(json.dumps([first["warnings"], second["warnings"]]))
+"""
+
+
+@pytest.mark.slow
+def test_api_save_applies_the_callers_threads_tf32_and_jit(tmp_path: Path) -> None:
+    """The reload worker predicts the reference with the training process's thread pools, TF32
+    and global jit (said in a warning where it could not), and they are recorded; a second save
+    after the script changed TF32 and jit reuses the worker and follows them."""
+    root = new_project(tmp_path / "settings")
+    out = run_script(root, "settings_save.py", SETTINGS_SAVE)
+    first, second = json.loads(out.strip().splitlines()[-1])
+    assert not any("could not take on" in w for w in first + second), (first, second)
+    d1 = manifest_of(root / "first.keras")["determinism"]
+    assert (d1["intra_op_threads"], d1["inter_op_threads"], d1["jit"], d1["tf32"]) == (1, 2, "autoclustering",
+                                                                                      False)
+    d2 = manifest_of(root / "second.keras")["determinism"]
+    assert (d2["intra_op_threads"], d2["jit"], d2["tf32"]) == (1, "", True)
+    # run and check apply the recorded ones in their worker: nothing differs.
+    doc = check_json(root / "first.keras", "--strategy", "current")
+    assert doc["status"] == "identical" and doc["findings"] == [], doc
 
 
 # --- 12.9: random state that no file keeps ------------------------------------------------------
@@ -359,6 +427,65 @@ def test_random_op_in_call_is_named_at_save_and_in_the_fix(tmp_path: Path) -> No
     active = finding(doc, "random_layers_active")
     assert active["evidence"]["current"] == "always_dropout" and "ignores `training`" in active["summary"]
     assert "always_dropout" in finding(doc, "nondeterministic_model")["fix"]
+
+
+NOISY_SUBCLASSED = """\
+import keras
+import noisy
+
+
+@keras.saving.register_keras_serializable(package="noisysub")
+class Block(keras.layers.Layer):
+    \"\"\"A user's block: a Dense, then the AlwaysDropout nested inside it.\"\"\"
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.dense = keras.layers.Dense(8, activation="relu", name="inner_dense")
+        self.noise = noisy.AlwaysDropout(0.5, name="always_dropout")
+
+    def call(self, x):
+        return self.noise(self.dense(x))
+
+
+@keras.saving.register_keras_serializable(package="noisysub")
+class Net(keras.Model):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.block = Block(name="block")
+        self.head = keras.layers.Dense(2, name="logits")
+
+    def call(self, x):
+        return self.head(self.block(x))
+"""
+
+MAKE_NOISY_SUBCLASSED = """\
+import sys
+import keras
+import numpy as np
+from noisysub import Net
+keras.utils.set_random_seed(0)
+m = Net(name="net")
+x = np.random.default_rng(0).standard_normal((8, 4)).astype("float32")
+m(x)
+m.save(sys.argv[1])
+np.save("probe.npy", x)
+"""
+
+
+def test_random_op_in_a_subclassed_model_is_named_at_save(tmp_path: Path) -> None:
+    """The same AlwaysDropout, nested in a user's layer inside a subclassed model (no graph to
+    cut into sub-models): save still names the user's layer that is random at inference."""
+    from test_check import NOISY_MODULE
+
+    root = new_project(tmp_path / "noisy-sub", noisy=NOISY_MODULE, noisysub=NOISY_SUBCLASSED)
+    run_script(root, "make_noisy_sub.py", MAKE_NOISY_SUBCLASSED, "sub.keras")
+    saved = save(root / "sub.keras", "--probe", "probe.npy")
+    assert saved["probe_repeatable"] is False
+    assert any("layer always_dropout is random at inference" in w for w in saved["warnings"]), \
+        saved["warnings"]
+    doc = check_json(root / "sub.keras", "--strategy", "current")
+    assert causes(doc)[:2] == ["random_layers_active", "nondeterministic_model"]
+    assert finding(doc, "random_layers_active")["evidence"]["current"] == "always_dropout"
 
 
 # --- 12.5: shell variables, oneDNN's effective state, a backend that is not there ---------------
@@ -549,3 +676,142 @@ def test_keras2_env_unchanged_ten_times(tf215: Stack, tmp_path: Path) -> None:
                     "print(json.dumps([(d['status'], d['findings'], d['notes']) for d in docs]))\n",
                     cwd=saved.model.parent).stdout
     assert json.loads(out.strip().splitlines()[-1]) == [["identical", [], []]] * 10
+
+
+# --- Done-when 2: the training process's own bits, from a host without TensorFlow --------------
+#
+# For each class whose predictions a CPU can compute again, a model is trained in one process that
+# writes what it predicted for the probe (in_memory.npy); then `envlock run MODEL --input probe`
+# runs from the host venv (Python 3.11, envlock, no TensorFlow), in the env it builds from the
+# lock, and must give those bits exactly. Where the bits cannot be had, the test says why:
+# - 12.2 (state lost on reload): the file does not hold the state, so no process that loads it can
+#   predict what the training process did, on any hardware. run refuses (exit 1) rather than hand
+#   out other numbers; see test_api_save_refuses_a_reload_that_lost_state.
+# - 12.9, a random op in call() that ignores `training` (AlwaysDropout): every call draws anew, so
+#   the training process's draw is not a function of the file and the input; nothing promises it.
+# - 12.1 (a damaged file) and 12.6 (Keras 2 LSTM under Keras 3) are about the current environment,
+#   not the reference; their own reference is the locked env's, tested in tests/test_legacy.py.
+
+# test_check's Conv2D (whose bits oneDNN changes), trained, with what it predicted for a probe.
+CONV_TRAIN = CONV_MODEL.replace("import keras\n", "import keras\nimport numpy as np\n").replace(
+    "model.save(sys.argv[1])\n", """\
+model.compile(optimizer="adam", loss="mse")
+X = np.random.default_rng(0).standard_normal((32, 16, 16, 8)).astype("float32")
+model.fit(X, X[:, :10, 0, 0], epochs=1, verbose=0)
+model.save(sys.argv[1])
+probe = np.random.default_rng(5).standard_normal((16, 16, 16, 8)).astype("float32")
+np.save("probe.npy", probe)
+np.save("in_memory.npy", model.predict(probe, verbose=0))
+""")
+
+SEEDED_STATE = '''\
+import keras
+import numpy as np
+
+# Seeded when the module is imported: every process that imports it and builds the layer draws
+# the same projection, so this random state is deterministic (unlike RANDOM_STATE's).
+_RNG = np.random.default_rng(1234)
+
+
+@keras.saving.register_keras_serializable(package="seeded")
+class SeededProjection(keras.layers.Layer):
+    def __init__(self, units=4, **kwargs):
+        super().__init__(**kwargs)
+        self.units = units
+        self.projection = _RNG.standard_normal((4, units)).astype("float32")
+
+    def call(self, x):
+        return keras.ops.matmul(x, self.projection)
+
+    def get_config(self):
+        return {**super().get_config(), "units": self.units}
+'''
+
+SEEDED_TRAIN = """\
+import keras
+import numpy as np
+import seededlayers
+keras.utils.set_random_seed(0)
+inp = keras.Input((4,), name="features")
+x = seededlayers.SeededProjection(4, name="projection")(inp)
+model = keras.Model(inp, keras.layers.Dense(2, name="logits")(x))
+model.compile(optimizer="adam", loss="mse")
+X = np.random.default_rng(0).standard_normal((64, 4)).astype("float32")
+model.fit(X, X[:, :2] * 3.0, epochs=2, verbose=0)
+model.save("model.keras")
+probe = np.random.default_rng(5).standard_normal((24, 4)).astype("float32")
+np.save("probe.npy", probe)
+np.save("in_memory.npy", model.predict(probe, verbose=0))
+"""
+
+
+def _opposite_onednn(model: Path) -> str:
+    return "0" if manifest_of(model)["determinism"]["onednn"]["effective"] else "1"
+
+
+@pytest.fixture(scope="module")
+def onednn_saved(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A float32 Conv2D trained with TF_ENABLE_ONEDNN_OPTS unset (oneDNN as this CPU's default
+    has it), then `envlock save`d from that shell: its folder."""
+    root = tmp_path_factory.mktemp("onednn")
+    env = {k: v for k, v in os.environ.items() if k != "TF_ENABLE_ONEDNN_OPTS"}
+    assert "model.fit" in CONV_TRAIN
+    p = subprocess.run([sys.executable, "-c", CONV_TRAIN, "model.keras"], cwd=root, env=env,
+                       capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    saved = envlock_cli("save", "model.keras", "--probe", "probe.npy", cwd=root,
+                        unset=["TF_ENABLE_ONEDNN_OPTS"])
+    assert saved.returncode == 0, saved.stderr
+    return root
+
+
+@pytest.fixture(scope="module")
+def seeded_saved(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = new_project(tmp_path_factory.mktemp("seeded") / "p", seededlayers=SEEDED_STATE)
+    run_script(root, "train_seeded.py", SEEDED_TRAIN)
+    save(root / "model.keras", "--probe", "probe.npy")
+    return root
+
+
+def _host_run(host_venv: Path, model: Path, x: Path, where: Path, env: dict[str, str] | None = None
+              ) -> np.ndarray:
+    from test_run import UV, _env
+
+    where.mkdir(parents=True, exist_ok=True)
+    res = subprocess.run([str(host_venv / "bin" / "envlock"), "run", str(model), "--input", str(x),
+                          "--output", str(where / "y.npy"), "--json"], cwd=where,
+                         env={**_env(ENVLOCK_UV=str(UV)), **(env or {})}, capture_output=True, text=True,
+                         timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    doc = json.loads(res.stdout)
+    assert doc["strategy"] == "venv" and doc["validation"]["status"] == "identical", doc
+    return np.load(where / "y.npy")
+
+
+def _bitwise(a: np.ndarray, b: np.ndarray) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["mixed", "jit", "onednn", "seeded"])
+def test_run_from_a_host_without_tensorflow_gives_the_training_process_bits(
+        case: str, request: pytest.FixtureRequest, host_venv: Path, tmp_path: Path) -> None:
+    """12.3 mixed_float16 set by the caller, 12.4 jit_compile stored in the file, 12.5 oneDNN's
+    effective state with the host's shell saying otherwise, 12.9 random state seeded at import:
+    the host's `envlock run` gives what the training process predicted, bit for bit."""
+    root: Path = request.getfixturevalue(f"{case}_saved")
+    model = root / ("api.keras" if case in ("mixed", "jit") else "model.keras")
+    if case in ("mixed", "jit"):  # API_SAVE's probe, as the training process made it
+        np.save(root / "probe.npy", np.random.default_rng(5).standard_normal((24, 4)).astype("float32"))
+    mine = np.load(root / "in_memory.npy")
+    env = {"TF_ENABLE_ONEDNN_OPTS": _opposite_onednn(model)} if case == "onednn" else None
+    got = _host_run(host_venv, model, root / "probe.npy", tmp_path / "host", env)
+    assert _bitwise(got, mine), (got.dtype, mine.dtype, float(np.max(np.abs(got - mine))))
+    if case == "mixed":
+        assert got.dtype == np.float16
+    if case == "onednn":  # not vacuous: with the shell's setting, these bits are other bits
+        out = python_in(root, "import keras, numpy as np\n"
+                        "m = keras.models.load_model('model.keras')\n"
+                        "y = m.predict(np.load('probe.npy'), verbose=0)\n"
+                        "print(np.load('in_memory.npy').tobytes() == y.tobytes())\n", env=env)
+        assert out.strip().splitlines()[-1] == "False"

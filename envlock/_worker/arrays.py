@@ -11,7 +11,8 @@ import zipfile
 
 import numpy as np
 
-from .model import WorkerFailure, as_array, output_names
+from .loading import WorkerFailure
+from .model import as_array, output_names
 
 PROBE_ROWS = 16
 CHUNK_BYTES = 64 * 1024 * 1024

@@ -11,7 +11,8 @@ import hashlib
 import os
 import sys
 
-from .model import _site_dirs, _sys_path_root, is_builtin
+from .loading import is_builtin
+from .model import _site_dirs, _sys_path_root
 
 
 def _nodes(node):  # type: ignore[no-untyped-def]

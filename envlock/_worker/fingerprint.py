@@ -48,18 +48,21 @@ def _is_variable(v) -> bool:  # type: ignore[no-untyped-def]
     return hasattr(v, "numpy") and hasattr(v, "shape")
 
 
-def _layers(model):  # type: ignore[no-untyped-def]
+def walk_layers(model, depth_first: bool = False):  # type: ignore[no-untyped-def]
+    """The model and every layer in it, nested ones too, each once. Breadth-first in the
+    model's order; ``depth_first``: the last child first, down to its leaves, then the one
+    before it (the order decides which layer a message names first)."""
     seen: list = []  # type: ignore[type-arg]
-    stack = [model]
-    while stack:
-        layer = stack.pop(0)
+    pending = [model]
+    while pending:
+        layer = pending.pop() if depth_first else pending.pop(0)
         if any(layer is s for s in seen):
             continue
         seen.append(layer)
         for attr in ("layers", "_layers"):
             subs = getattr(layer, attr, None)
             if isinstance(subs, (list, tuple)):
-                stack.extend(subs)
+                pending.extend(subs)
                 break
     return seen
 
@@ -67,7 +70,7 @@ def _layers(model):  # type: ignore[no-untyped-def]
 def _vocabularies(model) -> list:  # type: ignore[no-untyped-def,type-arg]
     """(path, array) for every lookup layer (StringLookup, IntegerLookup, TextVectorization)."""
     out = []
-    for layer in _layers(model):
+    for layer in walk_layers(model):
         get = getattr(layer, "get_vocabulary", None)
         if get is None or layer is model:
             continue

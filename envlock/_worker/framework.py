@@ -291,9 +291,19 @@ def apply_dtypes(settings: dict, applied: list, force: bool = False) -> None:  #
 
 def apply_caller_settings(settings: dict) -> None:  # type: ignore[type-arg]
     """Settings read from the process that called envlock.save, applied before each load of a
-    (possibly reused) reload worker: dtype policy and floatx always, op determinism when on."""
+    (possibly reused) reload worker: dtype policy and floatx always, op determinism when on,
+    TF32 and the global jit as the caller had them. (The thread pools cannot change once an op
+    has run: the host gives them when it starts the worker, see apply_settings.)"""
     apply_dtypes(settings, [], force=True)
+    tf = import_tf()
+    if tf is None:
+        return
     if settings.get("op_determinism"):
-        tf = import_tf()
         with contextlib.suppress(Exception):
             tf.config.experimental.enable_op_determinism()
+    if isinstance(settings.get("tf32"), bool):
+        with contextlib.suppress(Exception):
+            tf.config.experimental.enable_tensor_float_32_execution(settings["tf32"])
+    if "jit" in settings and settings["jit"] is not None:
+        with contextlib.suppress(Exception):
+            tf.config.optimizer.set_jit(settings["jit"] or False)

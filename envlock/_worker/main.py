@@ -51,7 +51,7 @@ class Worker:
     def op_prepare(self, args):  # type: ignore[no-untyped-def]
         """Import the framework (the slow part), apply settings, import custom modules."""
         from .framework import apply_settings, framework_facts, import_keras, import_tf
-        from .model import load_extra_modules
+        from .loading import load_extra_modules
         t0 = time.time()
         import_tf()
         applied = apply_settings(args.get("settings") or {})
@@ -68,15 +68,8 @@ class Worker:
 
     def op_load(self, args):  # type: ignore[no-untyped-def]
         from .customcode import add_distributions, config_objects
-        from .model import (
-            custom_objects,
-            file_metadata,
-            input_specs,
-            load_model,
-            read_file_config,
-            static_findings,
-            untracked_arrays,
-        )
+        from .loading import file_metadata, load_model, read_file_config
+        from .model import custom_objects, input_specs, static_findings, untracked_arrays
         custom = {}
         for name, (module, attr) in (args.get("custom_objects") or {}).items():
             import importlib
@@ -98,7 +91,7 @@ class Worker:
         if args.get("import_config_modules"):
             # Keras resolves custom objects by registered name; registration happens when their
             # module is imported. At save the file is the user's own, so import what it names.
-            from .model import config_modules, load_extra_modules
+            from .loading import config_modules, load_extra_modules
             load_extra_modules(config_modules(read_file_config(self.path)), [], strict=False)
         self.config = read_file_config(self.path)
         for name, obj in config_objects(self.config).items():
@@ -108,7 +101,7 @@ class Worker:
         self.specs = input_specs(self.model, self.path, args.get("inputs"))
         described = custom_objects(self.model, self.config, custom)
         add_distributions(described)
-        from .model import honour_stored_jit
+        from .loading import honour_stored_jit
         jit = honour_stored_jit(self.model, self.path)
         return {
             "jit_compile": jit,
@@ -129,7 +122,7 @@ class Worker:
         return fingerprint_model(self._need_model())
 
     def op_stored_weights(self, args):  # type: ignore[no-untyped-def]
-        from .model import stored_weights
+        from .storedweights import stored_weights
         return stored_weights(args.get("path") or self.path)
 
     def op_random_layer(self, args):  # type: ignore[no-untyped-def]
@@ -190,7 +183,7 @@ class Worker:
 
     def _need_model(self):  # type: ignore[no-untyped-def]
         if self.model is None:
-            from .model import WorkerFailure
+            from .loading import WorkerFailure
             raise WorkerFailure("no model loaded", kind="protocol")
         return self.model
 
