@@ -32,6 +32,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from envlock.pyscope import bound_names, definitions, free_names
+
 # Never captured: envlock is not part of the locked environment (the host brings it).
 _NEVER = frozenset({"envlock"})
 
@@ -177,119 +179,6 @@ def read_config(path: Path) -> Any:
     return None
 
 
-# -- free-name analysis --------------------------------------------------------------------------
-
-
-class _Scope(ast.NodeVisitor):
-    """Names a piece of code reads that it does not bind itself (its free names)."""
-
-    def __init__(self) -> None:
-        self.loads: set[str] = set()
-        self.stores: set[str] = set()
-        self.nested_free: set[str] = set()
-
-    def visit_Name(self, node: ast.Name) -> None:
-        (self.loads if isinstance(node.ctx, ast.Load) else self.stores).add(node.id)
-
-    def _function(self, node: ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda) -> None:
-        for d in getattr(node, "decorator_list", []):
-            self.visit(d)
-        args = node.args
-        for default in [*args.defaults, *args.kw_defaults]:
-            if default is not None:
-                self.visit(default)
-        for a in [*args.posonlyargs, *args.args, *args.kwonlyargs, args.vararg, args.kwarg]:
-            if a is not None and a.annotation is not None:
-                self.visit(a.annotation)
-        inner = _Scope()
-        for a in [*args.posonlyargs, *args.args, *args.kwonlyargs, args.vararg, args.kwarg]:
-            if a is not None:
-                inner.stores.add(a.arg)
-        body = node.body if isinstance(node.body, list) else [node.body]
-        for stmt in body:
-            inner.visit(stmt)
-        self.nested_free |= inner.free()
-        if not isinstance(node, ast.Lambda):
-            self.stores.add(node.name)
-
-    visit_FunctionDef = _function
-    visit_AsyncFunctionDef = _function
-    visit_Lambda = _function
-
-    def visit_ClassDef(self, node: ast.ClassDef) -> None:
-        for n in [*node.decorator_list, *node.bases, *(k.value for k in node.keywords)]:
-            self.visit(n)
-        inner = _Scope()
-        for stmt in node.body:
-            inner.visit(stmt)
-        # Methods do not see class-level names; the class body does.
-        self.nested_free |= inner.free()
-        self.stores.add(node.name)
-
-    def visit_Import(self, node: ast.Import) -> None:
-        for a in node.names:
-            self.stores.add(a.asname or a.name.split(".")[0])
-
-    def visit_ImportFrom(self, node: ast.ImportFrom) -> None:
-        for a in node.names:
-            self.stores.add(a.asname or a.name)
-
-    def visit_ExceptHandler(self, node: ast.ExceptHandler) -> None:
-        if node.name:
-            self.stores.add(node.name)
-        self.generic_visit(node)
-
-    def visit_Global(self, node: ast.Global) -> None:
-        self.loads.update(node.names)
-
-    def free(self) -> set[str]:
-        return (self.loads | self.nested_free) - self.stores
-
-
-def free_names(node: ast.AST) -> set[str]:
-    scope = _Scope()
-    scope.visit(node)
-    return scope.free()
-
-
-def bound_names(node: ast.stmt) -> set[str]:
-    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-        return {node.name}
-    if isinstance(node, ast.Import):
-        return {a.asname or a.name.split(".")[0] for a in node.names}
-    if isinstance(node, ast.ImportFrom):
-        return {a.asname or a.name for a in node.names if a.name != "*"}
-    targets: list[ast.expr] = []
-    if isinstance(node, ast.Assign):
-        targets = list(node.targets)
-    elif isinstance(node, ast.AnnAssign) and node.value is not None:
-        targets = [node.target]
-    names = set()
-    for t in targets:
-        for n in ast.walk(t):
-            if isinstance(n, ast.Name):
-                names.add(n.id)
-    return names
-
-
-def _definitions(body: Iterable[ast.stmt]) -> Iterator[ast.stmt]:
-    """Statements that bind a module-level name, also inside if/try/with blocks (not loops,
-    functions or classes): a script often defines things under ``if`` or ``try``."""
-    for node in body:
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Import,
-                             ast.ImportFrom, ast.Assign, ast.AnnAssign)):
-            yield node
-        elif isinstance(node, ast.If):
-            yield from _definitions(node.body)
-            yield from _definitions(node.orelse)
-        elif isinstance(node, ast.Try):
-            yield from _definitions(node.body)
-            yield from _definitions(node.orelse)
-            yield from _definitions(node.finalbody)
-        elif isinstance(node, ast.With):
-            yield from _definitions(node.body)
-
-
 # -- local modules --------------------------------------------------------------------------------
 
 
@@ -420,7 +309,7 @@ def capture_main(objects: list[Any]) -> MainCapture:
         return _capture_objects_only(objects, names)
     lines = text.splitlines(keepends=True)
     binders: dict[str, list[ast.stmt]] = {}
-    for node in _definitions(tree.body):
+    for node in definitions(tree.body):
         for name in bound_names(node):
             binders.setdefault(name, []).append(node)
     live = vars(main) if main is not None else {}
@@ -444,7 +333,7 @@ def capture_main(objects: list[Any]) -> MainCapture:
     todo = list(names)
     # `from m import *` binds names no syntax tree shows: what is bound nowhere else may come
     # from there, so those imports go along whenever such a name is used.
-    stars = [n for n in _definitions(tree.body) if isinstance(n, ast.ImportFrom)
+    stars = [n for n in definitions(tree.body) if isinstance(n, ast.ImportFrom)
              and any(a.name == "*" for a in n.names)]
     known = set(dir(builtins))
     while todo:
