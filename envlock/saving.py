@@ -7,15 +7,10 @@ The sidecar is written last, all at once (see sidecar.write_sidecar).
 
 from __future__ import annotations
 
-import atexit
-import hashlib
-import io
 import os
 import shlex
 import shutil
-import sys
 import tempfile
-import threading
 import time
 import zipfile
 from collections.abc import Callable, Mapping, Sequence
@@ -26,29 +21,36 @@ from typing import Any
 
 import numpy as np
 
-import envlock
-from envlock import customcode, templating, vendoring
+from envlock import customcode, vendoring
 from envlock._worker.fingerprint import compare_fingerprints, compare_with_stored, fingerprint_model
-from envlock._worker.framework import ENV_VARS
 from envlock._worker.inventory import installed
 from envlock.arrayfiles import save_npz
 from envlock.errors import InputArrayError, MismatchError, WeightsNotRestoredError
 from envlock.fs import log_dir, preflight_save
-from envlock.gpu import cuda_env_facts, gpu_facts
+from envlock.gpu import gpu_facts
 from envlock.hostfacts import platform_facts, python_facts
 from envlock.index import IndexClient
-from envlock.lockfiles import build_lock, render_pylock, render_requirements
+from envlock.lockfiles import build_lock
 from envlock.modelfile import (
-    ModelInfo,
     check_archive_directory,
     check_model_path,
     inspect_model,
     sidecar_path,
 )
+from envlock.reloader import (  # noqa: F401  (prewarm: envlock.saving.prewarm is public)
+    CALLER_SETTINGS,
+    RELOADER,
+    caller_facts,
+    caller_threads,
+    prewarm,
+    reload_key,
+    save_sys_path,
+    start_worker,
+)
 from envlock.results import SaveResult
+from envlock.saverecord import render_locks, write_record
 from envlock.settings import Settings
-from envlock.sidecar import MAIN_MODULE, write_sidecar
-from envlock.trust import trust
+from envlock.sidecar import MAIN_MODULE
 from envlock.worker import WorkerClient
 
 DEFAULT_ATOL = 1e-6
@@ -83,7 +85,7 @@ class _InMemory:
     # Modules defining objects the file names only by registered name (known in this process).
     registered_modules: tuple[str, ...] = ()
     model: Any = None
-    # The calling (training) process's own settings, read where they were set (see _caller_facts).
+    # The calling (training) process's own settings, read where they were set (see caller_facts).
     determinism: dict[str, Any] = field(default_factory=dict)
     untracked: list[dict[str, Any]] = field(default_factory=list)
 
@@ -91,137 +93,6 @@ class _InMemory:
     def main_objects(self) -> dict[str, str]:
         return self.main.objects if self.main is not None else {}
 
-
-
-# What the reload worker is given from the caller before each load: these change how the model
-# is built and what it predicts. The thread pools cannot change once TensorFlow has run an op:
-# they are given when the worker starts, and a worker started with others is not reused.
-_CALLER_SETTINGS = ("dtype_policy", "floatx", "op_determinism", "tf32", "jit")
-_CALLER_THREADS = ("intra_op_threads", "inter_op_threads")
-_CALLER_RECORDED = (*_CALLER_SETTINGS, *_CALLER_THREADS)
-
-
-def _caller_facts(model: Any) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """The determinism settings of this (the training) process, and the numpy arrays its
-    model's layers hold outside their variables."""
-    from envlock._worker.framework import determinism_facts
-    from envlock._worker.model import untracked_arrays
-
-    try:
-        facts = determinism_facts()
-    except Exception:  # a framework too old or too new to say: the worker's facts stand
-        facts = {}
-    try:
-        untracked = untracked_arrays(model)
-    except Exception:
-        untracked = []
-    return {k: facts.get(k) for k in _CALLER_RECORDED if k in facts}, untracked
-
-
-def _worker_env() -> dict[str, str]:
-    # The environment being captured is this one: the worker gets it as it is, so that every
-    # setting it reads (oneDNN, threads, hash seed) is the user's.
-    env = dict(os.environ)
-    env["PYTHONUNBUFFERED"] = "1"
-    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
-    return env
-
-
-def _caller_threads() -> dict[str, Any]:
-    """This process's TensorFlow thread pools (0: TensorFlow's default), when TensorFlow is
-    already imported here; {} otherwise (a prewarm at the top of a script: the defaults)."""
-    if "tensorflow" not in sys.modules:
-        return {}
-    from envlock._worker.framework import determinism_facts
-
-    try:
-        facts = determinism_facts()
-    except Exception:
-        return {}
-    return {k: facts.get(k) for k in _CALLER_THREADS if facts.get(k)}
-
-
-def _start_worker(log_dir: Path, sys_path: Sequence[str], modules: Sequence[str],
-                  threads: Mapping[str, Any] | None = None) -> tuple[WorkerClient, tuple[int, str]]:
-    client = WorkerClient(sys.executable, env=_worker_env(),
-                          log_path=log_dir / f"save-worker-{os.getpid()}-{time.time_ns()}.log",
-                          cwd=os.getcwd(), timeout=600)
-    client.start()
-    # The thread pools are set in `prepare`, after TensorFlow's import and before its first op.
-    ticket = client.send("prepare", {"sys_path": list(sys_path), "modules": list(modules),
-                                     "settings": dict(threads or {})})
-    return client, ticket
-
-
-class _Reloader:
-    """One warm reload worker per process, for repeated ``envlock.save`` calls.
-
-    The first save pays for the worker's framework import; later saves (checkpoints in a
-    training loop) reuse the worker when it was started with the same interpreter, folder,
-    environment variables and custom modules, so that what it reads is still what this
-    process would read. Each load clears the Keras session first, so a load sees what a
-    fresh process would. Not used when __main__ objects are captured (their source may
-    change between saves), and dropped after any failure.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        # (key, worker, the ticket of its pending `prepare`, or None once answered)
-        self._idle: tuple[str, WorkerClient, tuple[int, str] | None] | None = None
-        atexit.register(self.close)
-
-    def acquire(self, key: str, start: Callable[[], tuple[WorkerClient, tuple[int, str]]]
-                ) -> tuple[WorkerClient, tuple[int, str] | None]:
-        with self._lock:
-            idle, self._idle = self._idle, None
-        if idle is not None:
-            if idle[0] == key and idle[1].alive():
-                return idle[1], idle[2]
-            idle[1].close()
-        return start()
-
-    def release(self, key: str, client: WorkerClient, *, keep: bool,
-                pending: tuple[int, str] | None = None) -> None:
-        if keep:
-            with self._lock:
-                if self._idle is None:
-                    self._idle = (key, client, pending)
-                    return
-        client.close()
-
-    def close(self) -> None:
-        with self._lock:
-            idle, self._idle = self._idle, None
-        if idle is not None:
-            idle[1].close()
-
-
-def _save_sys_path() -> list[str]:
-    return [os.getcwd(), *(p for p in sys.path if p and os.path.isdir(p))]
-
-
-def prewarm(*, custom_objects: Sequence[str] = (), settings: Settings | None = None) -> None:
-    """Start the reload worker now, so the first ``envlock.save`` of this process finds
-    TensorFlow already imported in it (the bulk of a first save). Call it at the top of a
-    training script; it returns at once. A save from another folder, with other environment
-    variables or custom modules, starts a fresh worker anyway.
-    """
-    settings = settings or Settings.from_env()
-    sys_path = _save_sys_path()
-    logs = log_dir(settings)
-    threads = _caller_threads()
-    client, ticket = _start_worker(logs, sys_path, custom_objects, threads)
-    _RELOADER.release(_reload_key(sys_path, custom_objects, threads), client, keep=True, pending=ticket)
-
-
-_RELOADER = _Reloader()
-
-
-def _reload_key(sys_path: Sequence[str], modules: Sequence[str], threads: Mapping[str, Any]) -> str:
-    parts = [sys.executable, os.getcwd(), *sys_path, "|", *modules, "|",
-             *(f"{k}={v}" for k, v in sorted(threads.items())), "|",
-             *(f"{k}={v}" for k, v in sorted(os.environ.items()))]
-    return hashlib.sha256("\0".join(parts).encode()).hexdigest()
 
 
 def _read_probe_file(path: Path, specs: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:
@@ -271,13 +142,13 @@ def save(model: Any, path: str | os.PathLike[str], *, probe: Any = None, setting
     path = Path(path)
     settings = settings or Settings.from_env()
     workdir = Path(tempfile.mkdtemp(prefix="envlock-save-"))
-    sys_path = _save_sys_path()
-    threads = _caller_threads()
-    key = _reload_key(sys_path, custom_objects, threads)
+    sys_path = save_sys_path()
+    threads = caller_threads()
+    key = reload_key(sys_path, custom_objects, threads)
     logs = log_dir(settings)
     try:
-        client, ticket = _RELOADER.acquire(
-            key, lambda: _start_worker(logs, sys_path, custom_objects, threads))
+        client, ticket = RELOADER.acquire(
+            key, lambda: start_worker(logs, sys_path, custom_objects, threads))
         keep = False
         try:
             model.save(os.fspath(path), **save_kwargs)
@@ -286,7 +157,7 @@ def save(model: Any, path: str | os.PathLike[str], *, probe: Any = None, setting
             mem = _InMemory(client, ticket, fingerprint_model(model),
                             registered_modules=tuple(customcode.registered_modules(config)),
                             model=model)
-            mem.determinism, mem.untracked = _caller_facts(model)
+            mem.determinism, mem.untracked = caller_facts(model)
             if mains:
                 mem.main = customcode.capture_main(mains)
             probe_path = None
@@ -307,7 +178,7 @@ def save(model: Any, path: str | os.PathLike[str], *, probe: Any = None, setting
             keep = not mains
             return result
         finally:
-            _RELOADER.release(key, client, keep=keep)
+            RELOADER.release(key, client, keep=keep)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -352,7 +223,7 @@ def _lock(path: Path, settings: Settings, options: SaveOptions, workdir: Path, m
         if mem is None:
             stage("starting the worker")
             logs = log_dir(settings)
-            client, ticket = _start_worker(logs, sys_path, options.custom_object_modules)
+            client, ticket = start_worker(logs, sys_path, options.custom_object_modules)
         else:
             client, ticket = mem.worker, mem.prepare_ticket
         try:
@@ -384,7 +255,7 @@ def _lock(path: Path, settings: Settings, options: SaveOptions, workdir: Path, m
                                          "custom_objects": custom_map, "import_config_modules": True,
                                          "inputs": probe_specs}
             if mem is not None:
-                load_args["caller_settings"] = {k: mem.determinism.get(k) for k in _CALLER_SETTINGS}
+                load_args["caller_settings"] = {k: mem.determinism.get(k) for k in CALLER_SETTINGS}
             loaded = client.request("load", load_args)
             specs = loaded["inputs"]
             probe_in = workdir / "probe-in.npz"
@@ -411,7 +282,7 @@ def _lock(path: Path, settings: Settings, options: SaveOptions, workdir: Path, m
             seconds["index_wait"] = time.perf_counter() - tl
             packages = build_lock(dists, lookups)
             command = options.command or "envlock save " + shlex.quote(path.name)
-            lock_texts = _render_locks(packages, host["python"]["version"], command, settings)
+            lock_texts = render_locks(packages, host["python"]["version"], command, settings)
             vendored = None
             if options.vendor:
                 stage("vendoring wheels")
@@ -480,7 +351,7 @@ def _lock(path: Path, settings: Settings, options: SaveOptions, workdir: Path, m
             k: {"training": v, "reload": worker.get(k)} for k, v in mem.determinism.items()
             if k in worker and v is not None and worker.get(k) is not None and worker.get(k) != v}}
         facts = {**facts, "determinism": {**facts["determinism"], **mem.determinism}}
-    return _write(path, info, settings, options, host, gpus, dists, packages, lock_texts, loaded,
+    return write_record(path, info, settings, options, host, gpus, dists, packages, lock_texts, loaded,
                   specs, fingerprint, mismatched, probe_in, reference, probe_source, repeatable, facts,
                   code_dir, mem, seconds, t0, command, vendored=vendored, varying=varying,
                   module_facts=module_facts)
@@ -552,250 +423,3 @@ def _against_in_memory(model: Any, probe_in: Path, reloaded: dict[str, np.ndarra
     return mine, what + " (saved anyway: the reference is the model in memory's predictions)"
 
 
-def _render_locks(packages: list[Any], python_version: str, command: str,
-                  settings: Settings) -> dict[str, bytes]:
-    return {
-        "requirements.lock.txt": render_requirements(
-            packages, python_version=python_version, command=command,
-            index_urls=settings.index_urls).encode(),
-        "pylock.toml": render_pylock(packages, python_version=python_version,
-                                     created_by="envlock").encode(),
-    }
-
-
-def _vendor_file(file: str | None, root: str | None, files: dict[str, bytes | Path]) -> str | None:
-    """Copy a module of the user's project (file under its sys.path root) into code/, with its
-    packages' __init__.py files; returns its path in the sidecar."""
-    if not file or not root:
-        return None
-    src, top = Path(file), Path(root)
-    rel = src.relative_to(top)
-    files[f"code/{rel.as_posix()}"] = src
-    parent = src.parent
-    while parent != top and top in parent.parents:
-        init = parent / "__init__.py"
-        if init.is_file():
-            files[f"code/{init.relative_to(top).as_posix()}"] = init
-        parent = parent.parent
-    return f"code/{rel.as_posix()}"
-
-
-def _vendor_code(custom: list[dict[str, Any]], code_dir: Path, mem: _InMemory | None,
-                 files: dict[str, bytes | Path], warnings: list[str]) -> None:
-    main_names = set(mem.main_objects) if mem is not None else set()
-    for c in custom:
-        c["vendored"] = None
-        if c["module"] in ("__main__", MAIN_MODULE) or c["qualname"] in main_names:
-            c["defined_in_main"] = True
-            c["vendored"] = f"code/{MAIN_MODULE}.py"
-            files[c["vendored"]] = code_dir / f"{MAIN_MODULE}.py"
-            warnings.append(f"{c['qualname']} is defined in the __main__ script; its source was "
-                            "captured, but it should live in a module")
-            continue
-        c["defined_in_main"] = False
-        if not c.get("importable"):
-            warnings.append(f"custom object {c['module']}.{c['qualname']} could not be imported at save")
-            continue
-        if c.get("in_site_packages"):
-            continue
-        c["vendored"] = _vendor_file(c.get("file"), c.get("root"), files)
-    if mem is not None and mem.main is not None:
-        warnings.extend(mem.main.warnings)
-        for rel in mem.main.helpers:
-            files[f"code/{rel}"] = code_dir / rel
-    for c in custom:  # machine-specific paths say nothing on another machine
-        c["source_file"] = c.pop("file", None)
-        c.pop("root", None)
-
-
-def _module_records(module_facts: Sequence[Mapping[str, Any]], mem: _InMemory | None,
-                    files: dict[str, bytes | Path]) -> list[dict[str, Any]]:
-    """The modules imported before loading, recorded so that run and check import them too:
-    those given with --custom-objects (say, one that registers classes), and the user's own
-    modules that captured __main__ code imports. A module of the user's project is copied into
-    code/; one of an installed package is named with its distribution (it is in the lock)."""
-    records = []
-    for f in module_facts:
-        records.append({"module": f["module"], "reason": "--custom-objects", "sha256": f.get("sha256"),
-                        "in_site_packages": f.get("in_site_packages"),
-                        "distribution": f.get("distribution"),
-                        "vendored": None if f.get("in_site_packages")
-                        else _vendor_file(f.get("file"), f.get("root"), files)})
-    if mem is not None and mem.main is not None:
-        for module, rel in sorted(mem.main.helper_modules.items()):
-            records.append({"module": module, "reason": f"imported by {MAIN_MODULE}",
-                            "sha256": hashlib.sha256(mem.main.helpers[rel].read_bytes()).hexdigest(),
-                            "in_site_packages": False, "distribution": None,
-                            "vendored": f"code/{rel}"})
-    return records
-
-
-def _array_specs(arrays: Mapping[str, np.ndarray]) -> list[dict[str, Any]]:
-    return [{"name": k, "shape": list(v.shape), "dtype": str(v.dtype)} for k, v in arrays.items()]
-
-
-def _npz_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
-    buf = io.BytesIO()
-    save_npz(buf, arrays)
-    return buf.getvalue()
-
-
-def _write(path: Path, info: ModelInfo, settings: Settings, options: SaveOptions, host: dict[str, Any],
-           gpus: dict[str, Any], dists: list[dict[str, Any]], packages: list[Any],
-           lock_texts: dict[str, bytes], loaded: dict[str, Any], specs: list[dict[str, Any]],
-           fingerprint: dict[str, Any], mismatched: list[str], probe_in: Path,
-           outputs: dict[str, np.ndarray], probe_source: str, repeatable: bool, facts: dict[str, Any],
-           code_dir: Path, mem: _InMemory | None, seconds: dict[str, float], t0: float,
-           command: str, *, vendored: vendoring.VendorResult | None = None,
-           varying: Sequence[str] = (),
-           module_facts: Sequence[Mapping[str, Any]] = ()) -> SaveResult:
-    warnings: list[str] = []
-    files: dict[str, bytes | Path] = dict(lock_texts)
-    custom = [dict(c) for c in loaded["custom_objects"]]
-    _vendor_code(custom, code_dir, mem, files, warnings)
-    custom_modules = _module_records(module_facts, mem, files)
-
-    with np.load(probe_in, allow_pickle=False) as npz:
-        inputs = {k: npz[k] for k in npz.files}
-    probe_arrays = {f"input__{k}": v for k, v in inputs.items()}
-    probe_arrays.update({f"output__{k}": v for k, v in outputs.items()})
-    files["probe.npz"] = _npz_bytes(probe_arrays)
-
-    conda = None
-    if (Path(sys.prefix) / "conda-meta").is_dir():
-        from envlock import condalock  # only inside conda
-
-        conda = condalock.capture(Path(sys.prefix), dists, packages)
-        files[condalock.LOCKFILE] = conda.text.encode()
-        warnings.extend(conda.warnings)
-    # What conda installed is locked by conda-lock.yml, whatever its PEP 610 record says.
-    by_conda = set(conda.manifest["conda_owned_distributions"]) if conda else set()
-    python = host["python"]
-    missing = tuple(p.name for p in packages if p.kind == "index" and not p.files and p.name not in by_conda)
-    risks = tuple({"name": p.name, "version": p.version, "kind": p.kind,
-                   "url": (p.direct_url or {}).get("url")} for p in packages
-                  if p.kind != "index" and p.name not in by_conda)
-    if missing:
-        warnings.append(f"no sha256 from the index for {len(missing)} package(s): {', '.join(missing[:8])}"
-                        + (" …" if len(missing) > 8 else "") + " (offline, or not on the index)")
-    for r in risks:
-        warnings.append(f"{r['name']} is an {r['kind']} install: not locked, a reproducibility risk")
-    if not repeatable:
-        named = [f["layer"] for f in loaded.get("static_findings", [])
-                 if f.get("code") == "random_layers_active"]
-        warnings.append("two runs of the probe in one process gave different bits for output(s) "
-                        f"{', '.join(varying)}: the model is nondeterministic here"
-                        + (f" (layer {', '.join(named)} is random at inference)" if named else "")
-                        + "; `envlock run` will not promise their bits")
-    if mismatched:
-        warnings.append(f"weights_not_restored in layer(s) {', '.join(mismatched)} (saved anyway: "
-                        "--allow-mismatch)")
-    if loaded.get("in_memory_warning"):
-        warnings.append(loaded["in_memory_warning"])
-    if loaded.get("settings_not_applied"):
-        warnings.append("the reload worker could not take on the training process's "
-                        + ", ".join(f"{k} ({v['training']!r}; it had {v['reload']!r})"
-                                    for k, v in loaded["settings_not_applied"].items())
-                        + ": the reference was predicted without them")
-    for u in loaded.get("untracked_lost") or []:
-        warnings.append(f"layer {u['layer']}: {u['evidence']} (it is made anew at every load: make "
-                        "it a weight with add_weight(trainable=False), or draw it from a seed in "
-                        "get_config())")
-    if os.environ.get("PYTHONPATH"):
-        warnings.append("PYTHONPATH is set: modules found through it are not locked")
-
-    if vendored is not None:
-        files.update(vendoring.sidecar_files(vendored))
-        warnings.extend(vendored.warnings)
-    framework = facts["framework"]
-    determinism = facts["determinism"]
-    tf_build = framework.get("tf_build") or {}
-    model_json = info.to_json()
-    for key, value in (loaded.get("file_metadata") or {}).items():
-        if model_json.get(key) is None and value is not None:  # legacy HDF5: only h5py reads it
-            model_json[key] = value
-    model_json["inputs"] = specs
-    jit = loaded.get("jit_compile") or {}
-    model_json["jit_compile"] = jit.get("effective")
-    model_json["stored_jit_compile"] = jit.get("stored")
-    model_json["untracked_arrays"] = loaded.get("untracked_arrays") or []
-    model_json["outputs"] = [{"name": k, "shape": list(v.shape[1:]), "dtype": str(v.dtype)}
-                             for k, v in outputs.items()]
-    created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    manifest: dict[str, Any] = {
-        "envlock_version": envlock.__version__,
-        "created": created,
-        "command": command,
-        "model": model_json,
-        "python": python,
-        "platform": host["platform"],
-        "gpu": gpus,
-        "cuda": {
-            "is_cuda_build": tf_build.get("is_cuda_build"),
-            "cuda_version": tf_build.get("cuda_version"),
-            "cudnn_version": tf_build.get("cudnn_version"),
-            "tf_build": tf_build,
-            **cuda_env_facts(os.environ, dists),
-        },
-        "framework": {k: v for k, v in framework.items() if k != "tf_build"},
-        "determinism": determinism,
-        "packages": {
-            "count": len(packages),
-            "hashed": sum(1 for p in packages if p.files),
-            "complete": not missing and not risks,
-            "missing_hashes": list(missing),
-            "risks": list(risks),
-            "index_urls": [u for u in settings.index_urls],
-            "vendored": vendored.manifest() if vendored is not None else None,
-        },
-        "custom_objects": custom,
-        "custom_object_modules": custom_modules,
-        "weights": {**fingerprint, "restored": not mismatched, "mismatched_layers": mismatched},
-        "probe": {
-            "file": "probe.npz",
-            "source": probe_source,
-            "seed": options.seed if probe_source == "generated" else None,
-            "batch_size": options.batch_size,
-            "inputs": _array_specs(inputs),
-            "outputs": _array_specs(outputs),
-            "repeat_bitwise_equal": repeatable,
-            "varying_outputs": list(varying),
-            "tolerance": {"atol": options.atol, "rtol": options.rtol},
-        },
-        "static_findings": [*loaded.get("static_findings", []), *(loaded.get("untracked_lost") or [])],
-        "warnings": warnings,
-    }
-    if conda is not None:
-        manifest["conda"] = conda.manifest
-    files["REPRODUCE.md"] = _reproduce(path, manifest).encode()
-    sc = write_sidecar(path, manifest, files)
-    trust(settings, sc, reason="saved on this machine")
-    seconds["total"] = time.perf_counter() - t0
-    return SaveResult(
-        model=path, sidecar=sc.path, packages=len(packages), hashed=manifest["packages"]["hashed"],
-        missing_hashes=missing, risks=risks, custom_objects=tuple(custom),
-        weights_overall=fingerprint["overall"], weights_restored=not mismatched,
-        mismatched_layers=tuple(mismatched), probe_inputs=tuple(manifest["probe"]["inputs"]),
-        probe_repeatable=repeatable, warnings=tuple(warnings), seconds=seconds,
-    )
-
-
-def _reproduce(path: Path, manifest: dict[str, Any]) -> str:
-    python = dict(manifest["python"])
-    python["minor"] = ".".join(str(python["version"]).split(".")[:2])
-    model = dict(manifest["model"])
-    model["stem"] = Path(model["file"]).stem.replace(".", "-") or "model"
-    env = manifest["determinism"].get("env") or {}
-    exports = [(k, shlex.quote(str(env[k]))) for k in ENV_VARS if env.get(k) is not None]
-    libc = manifest["platform"].get("libc")
-    platform = dict(manifest["platform"])
-    platform["libc"] = " ".join(str(x) for x in libc.values() if x) if isinstance(libc, dict) else libc
-    return templating.render(
-        "REPRODUCE.md.j2",
-        envlock_version=manifest["envlock_version"], created=manifest["created"],
-        command=manifest["command"], model=model, python=python, platform=platform,
-        framework=manifest["framework"], cuda=manifest["cuda"], gpus=manifest["gpu"].get("gpus") or [],
-        packages=manifest["packages"], determinism=manifest["determinism"],
-        custom_objects=manifest["custom_objects"], probe=manifest["probe"],
-        sidecar_name=sidecar_path(path).name, env_exports=exports, conda="conda" in manifest,
-    )

@@ -387,16 +387,16 @@ PREWARM_SCRIPT = r'''
 import json
 import keras, numpy as np
 import envlock
-import envlock.saving as es
+import envlock.reloader as es
 import tinylayers
 
 envlock.prewarm()
-worker = es._RELOADER._idle[1]
+worker = es.RELOADER._idle[1]
 inp = keras.Input((4,), name="features")
 model = keras.Model(inp, tinylayers.Scale(name="scale")(inp))
 first = envlock.save(model, "first.keras")
 second = envlock.save(model, "second.keras")
-print(json.dumps({"prewarmed": worker.pid, "kept": es._RELOADER._idle[1].pid,
+print(json.dumps({"prewarmed": worker.pid, "kept": es.RELOADER._idle[1].pid,
                   "restored": [first.weights_restored, second.weights_restored]}))
 '''
 
