@@ -58,8 +58,10 @@ from envlock.shards import (
 NodeStatus = Callable[[Mapping[str, Any]], None]
 # Ray Data's threads on the driver that end once its execution is stopped: the scheduling loop,
 # its metadata fetcher, the block fetchers of the row iterator. Waited for before disconnecting.
-_RAY_DATA_THREADS = ("StreamingExecutor", "ray-data-metadata-prefetch", "iter_threaded", "Prefetcher")
-STOP_SECONDS = 60.0
+# (Its "Prefetcher" thread is left: it sleeps on a condition until the next blocks it is given,
+# and the closed iterator gives it none; it would only make the wait time out.)
+_RAY_DATA_THREADS = ("StreamingExecutor", "ray-data-metadata-prefetch", "iter_threaded")
+STOP_SECONDS = 30.0
 
 
 def _registry(expected: int) -> Any:
