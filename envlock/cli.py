@@ -488,6 +488,13 @@ def _run_shards(args: argparse.Namespace, out: Out) -> int:
         if not bar.disable:  # live status for a person watching; the summary says it for good
             bar.console.print(_node_line(facts))
 
+    def on_status(event: Any) -> None:  # a node's step while it prepares: building, waiting, ...
+        if not bar.disable:
+            steps = {"preparing": "preparing the locked environment", "building": "building the environment",
+                     "waiting": "waiting for the environment another actor builds"}
+            bar.console.print(f"node {str(event.get('node_id'))[:12]} ({event.get('hostname')}, "
+                              f"pid {event.get('pid')}): {steps.get(event.get('event'), event.get('event'))}")
+
     kwargs = _session_kwargs(args, out)
     common = {"batch_size": args.batch_size, "validate": not args.no_validate, "on_start": on_start,
               "on_shard": on_shard}
@@ -495,7 +502,7 @@ def _run_shards(args: argparse.Namespace, out: Out) -> int:
         if args.ray is not None:
             import time
 
-            from envlock.ray import run_shards_on_ray, stderr_to
+            from envlock.raydriver import run_shards_on_ray, stderr_to
             from envlock.settings import Settings
 
             stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -505,6 +512,7 @@ def _run_shards(args: argparse.Namespace, out: Out) -> int:
                 try:
                     result = run_shards_on_ray(args.model, str(args.input), args.output,
                                                address=args.ray or None, actors=args.actors, on_node=on_node,
+                                               on_status=on_status,
                                                **common, **kwargs)
                 finally:
                     bar.stop()

@@ -10,20 +10,18 @@ the worker as files in a node-local folder, which it memory-maps: no pickle, no 
     preds = envlock.ray.predict(ds, "model.keras", concurrency=8)
 
 ``envlock run MODEL --input SHARDS --output OUTDIR --ray [ADDRESS]`` predicts whole shards
-(the same bits as a single-machine run of each) and writes them on the driver, atomically.
+(the same bits as a single-machine run of each) through ``ShardPredictor`` actors; the driver's
+side (connection, pool, written shards) is ``envlock.raydriver``.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
-import socket
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager, suppress
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -35,22 +33,7 @@ from envlock.errors import (
     MismatchError,
     WorkerError,
 )
-from envlock.shards import (
-    PROVENANCE_SUFFIX,
-    Shard,
-    ShardDone,
-    ShardResult,
-    ShardRunResult,
-    ShardWorker,
-    find_shards,
-    inspect_shard,
-    inspect_shards,
-    output_name,
-    prepare_output_dir,
-    provenance_doc,
-    write_atomic,
-    write_provenance,
-)
+from envlock.shards import ShardWorker, inspect_shard, node_facts, output_name
 
 if TYPE_CHECKING:
     import numpy as np
@@ -87,10 +70,11 @@ def _actor_options(options: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in options.items() if k not in _DRIVER_ONLY}
 
 
-def _open_worker(model: str, options: Mapping[str, Any], *, validate: bool, batch_size: int) -> ShardWorker:
+def _open_worker(model: str, options: Mapping[str, Any], *, validate: bool, batch_size: int,
+                 on_build_event: Callable[[Any], None] | None = None) -> ShardWorker:
     from envlock.running import ModelSession
 
-    session = ModelSession(model, **_actor_options(options))
+    session = ModelSession(model, **_actor_options(options), on_build_event=on_build_event)
     worker = ShardWorker(session, validate=validate, batch_size=batch_size, node_id=_node_id())
     try:
         worker.open()
@@ -197,12 +181,26 @@ class ShardPredictor:
         self.n_outputs = n_outputs
         self.error: dict[str, Any] | None = None
         self.worker: ShardWorker | None = None
-        try:
-            self.worker = _open_worker(model, options, validate=validate, batch_size=batch_size)
-        except EnvlockError as err:
-            from envlock.shards import node_facts
+        node = node_facts(_node_id())
+        where = {"node_id": node["node_id"], "hostname": node["hostname"], "pid": os.getpid()}
+        steps: set[str] = set()
 
-            node = node_facts(_node_id())
+        def note(event: str) -> None:  # fire and forget: the driver shows it while this builds
+            if registry is not None and event not in steps:
+                steps.add(event)
+                registry.note.remote({**where, "event": event})
+
+        def on_build_event(ev: Any) -> None:
+            if ev.stage == "wait":
+                note("waiting")
+            elif ev.stage in ("interpreter", "venv", "install"):
+                note("building")
+
+        note("preparing")
+        try:
+            self.worker = _open_worker(model, options, validate=validate, batch_size=batch_size,
+                                       on_build_event=on_build_event)
+        except EnvlockError as err:
             self.error = _error_row(err, node)
             self.facts: dict[str, Any] = dict(node)
         else:
@@ -257,239 +255,5 @@ def _raise_row(error: Mapping[str, Any]) -> None:
     raise cls(error["message"], hint=error.get("hint"), cause=error.get("cause"))
 
 
-def _registry(expected: int) -> Any:
-    """A small actor where every ShardPredictor reports its node, build and probe verdict, and
-    waits until all ``expected`` have: no shard is predicted before every node is proven."""
-    import asyncio
 
-    import ray
-
-    @ray.remote(num_cpus=0)
-    class Registry:
-        def __init__(self) -> None:
-            self.actors: list[dict[str, Any]] = []
-            self.complete = asyncio.Event()
-
-        async def report(self, facts: dict[str, Any]) -> None:
-            self.actors.append(facts)
-            if len(self.actors) >= expected:
-                self.complete.set()
-
-        async def wait_all(self, timeout: float) -> None:
-            # Bounded: a pool that Ray cannot fill (too few CPUs) must not hang the run.
-            with suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self.complete.wait(), timeout)
-
-        async def all(self) -> list[dict[str, Any]]:
-            return list(self.actors)
-
-    return Registry.remote()  # type: ignore[attr-defined]
-
-
-class _Watcher:
-    """Polls the registry on a thread: each actor's status is shown as soon as it is ready."""
-
-    def __init__(self, registry: Any, on_node: NodeReady | None) -> None:
-        import threading
-
-        self.registry = registry
-        self.on_node = on_node
-        self.seen: list[dict[str, Any]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-
-    def __enter__(self) -> _Watcher:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.poll()
-
-    def _loop(self) -> None:
-        while not self._stop.wait(0.5):
-            self.poll()
-
-    def poll(self) -> list[dict[str, Any]]:
-        import ray
-
-        try:
-            actors = ray.get(self.registry.all.remote(), timeout=30)
-        except Exception:  # the cluster is going away; the driver reports why
-            return self.seen
-        for facts in actors[len(self.seen):]:
-            self.seen.append(facts)
-            if self.on_node is not None:
-                self.on_node(facts)
-        return self.seen
-
-
-# -- the cluster --------------------------------------------------------------------------------
-
-def _check_reachable(address: str) -> None:
-    """Fail in seconds, not after Ray's minute of retries, when nothing listens at ADDRESS."""
-    hostport = address.split("://", 1)[-1]
-    host, sep, port = hostport.rpartition(":")
-    if not sep or not port.isdigit():
-        raise BadInputError(f"--ray {address}: not HOST:PORT, ray://HOST:PORT or auto")
-    try:
-        socket.create_connection((host, int(port)), timeout=5).close()
-    except OSError as exc:
-        raise BadInputError(f"no Ray cluster reachable at {address} ({exc.strerror or exc})",
-                            hint="start one with `ray start --head`, or check the address") from None
-
-
-@contextmanager
-def stderr_to(log: Path) -> Iterator[Any]:
-    """Ray's own lines (its C++ core worker writes to file descriptor 2, Ray Data logs) go to
-    ``log`` while Ray runs here; yields a text stream on the real stderr for envlock's own."""
-    import sys
-
-    log.parent.mkdir(parents=True, exist_ok=True)
-    sys.stderr.flush()
-    real = os.dup(2)
-    stream = os.fdopen(os.dup(real), "w", buffering=1, encoding="utf-8", errors="replace")
-    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    os.dup2(fd, 2)
-    os.close(fd)
-    try:
-        yield stream
-    finally:
-        sys.stderr.flush()
-        stream.flush()
-        os.dup2(real, 2)
-        # Ray's core worker may point descriptor 2 at a file of its own again as it shuts down:
-        # envlock's last lines (the error, the summary) go through a stream on the real stderr.
-        sys.stderr = os.fdopen(real, "w", buffering=1, encoding="utf-8", errors="replace")
-        stream.close()
-
-
-@contextmanager
-def connected(address: str | None) -> Iterator[str]:
-    """Connect to ADDRESS, or $RAY_ADDRESS, or start a local Ray instance and stop it after."""
-    ray = _import_ray()
-    address = address or os.environ.get("RAY_ADDRESS") or None
-    if address and address != "auto":
-        _check_reachable(address)
-    kwargs: dict[str, Any] = {"log_to_driver": False, "logging_level": "ERROR", "configure_logging": True}
-    if ray.is_initialized():
-        started = False
-    else:
-        try:
-            if address:
-                ray.init(address=address, **kwargs)
-            else:
-                # "local": a new instance for this run, never one found in /tmp/ray by chance.
-                ray.init(address="local", include_dashboard=False, **kwargs)
-        except ConnectionError as exc:
-            raise BadInputError(f"could not connect to the Ray cluster at {address}: "
-                                f"{str(exc).splitlines()[0]}",
-                                hint="check the address; a cluster with token authentication also needs "
-                                "RAY_AUTH_MODE=token here") from None
-        started = True
-    for name in ("ray", "ray.data"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False  # envlock draws its own, over rows and shards
-    ctx.print_on_execution_start = False
-    try:
-        yield address or "local"
-    finally:
-        if started:
-            ray.shutdown()
-
-
-def _cluster_cpus() -> int:
-    import ray
-
-    return max(1, int(ray.cluster_resources().get("CPU", 1)))
-
-
-def run_shards_on_ray(model: str | os.PathLike[str], input_arg: str, output: Path | None, *,
-                      address: str | None = None, actors: int | None = None, batch_size: int = 32,
-                      validate: bool = True, on_start: Callable[[list[Shard]], None] | None = None,
-                      on_shard: ShardDone | None = None, on_node: NodeReady | None = None,
-                      **session_kwargs: Any) -> ShardRunResult:
-    """Every shard on the cluster, whole shards per actor; outputs written here, atomically."""
-    from envlock.modelfile import inspect_model
-    from envlock.sidecar import read_sidecar
-
-    t0 = time.perf_counter()
-    if batch_size < 1:
-        raise BadInputError("--batch-size must be at least 1")
-    if actors is not None and actors < 1:
-        raise BadInputError("--actors must be at least 1")
-    model_path = Path(model).resolve()
-    sidecar = read_sidecar(model_path)
-    if inspect_model(model_path).sha256 != sidecar.manifest["model"]["sha256"]:
-        raise MismatchError(f"model_file_changed: {model_path} is not the file the sidecar was saved with",
-                            cause="model_file_changed", hint="save it again with `envlock save`")
-    specs = list(sidecar.manifest["model"]["inputs"])
-    n_outputs = len(sidecar.manifest["model"].get("outputs") or [1])
-    paths = find_shards(input_arg)
-    shards = inspect_shards(paths, specs)  # exit 2 before a cluster is touched
-    outdir = prepare_output_dir(output, paths)
-    ray = _import_ray()
-    with connected(address) as where:
-        # Every actor of the pool must start before any predicts (each proves its node first):
-        # no more actors than the cluster has CPUs, nor than there are shards.
-        pool = min(actors or len(shards), len(shards), _cluster_cpus())
-        if on_start is not None:
-            on_start(shards)
-        ds = ray.data.from_items([{"index": i, "path": str(s.path.resolve())} for i, s in enumerate(shards)],
-                                 override_num_blocks=len(shards))
-        registry = _registry(pool)
-        actor_args = (str(model_path), _actor_options(session_kwargs), validate, batch_size, n_outputs,
-                      registry)
-        ds = ds.map_batches(ShardPredictor, fn_constructor_args=actor_args,
-                            batch_size=1, batch_format="numpy", num_cpus=1,
-                            compute=ray.data.ActorPoolStrategy(size=pool),
-                            max_restarts=ACTOR_RESTARTS, max_task_retries=ACTOR_RESTARTS)
-        results: list[ShardResult] = []
-        with _Watcher(registry, on_node) as watcher:
-            try:
-                for row in ds.iter_rows():
-                    if row["error"]:
-                        _raise_row(json.loads(row["error"]))
-                    # Every actor reported before any shard was predicted: one refusal anywhere
-                    # stops the run before a shard is written.
-                    for facts in watcher.poll():
-                        if facts.get("error"):
-                            _raise_row(facts["error"])
-                    facts = json.loads(row["facts"])
-                    shard = shards[int(row["index"])]
-                    results.append(_write_shard(model_path, shard, outdir, n_outputs, row, facts, batch_size))
-                    if on_shard is not None:
-                        on_shard(results[-1])
-            except EnvlockError:
-                raise
-            except Exception as exc:  # Ray gave up (an actor died past its restarts, a node was lost)
-                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                raise WorkerError(f"the Ray job failed after Ray's retries: {type(exc).__name__}: {first}",
-                                  hint="see the Ray logs of the cluster (`ray logs`)") from None
-        reported = watcher.poll()
-    # An actor that got no shard still proved (or failed) its node: its refusal fails the run.
-    for facts in reported:
-        if facts.get("error"):
-            _raise_row(facts["error"])
-    results.sort(key=lambda r: str(r.input))
-    lock = next((a["lock_sha256"] for a in reported if a.get("lock_sha256")), "")
-    return ShardRunResult(model_path, input_arg, outdir, sum(r.rows for r in results), tuple(results),
-                          tuple(reported), lock, where, time.perf_counter() - t0)
-
-
-def _write_shard(model: Path, shard: Shard, outdir: Path, n_outputs: int, row: Mapping[str, Any],
-                 facts: Mapping[str, Any], batch_size: int) -> ShardResult:
-    out = outdir / output_name(shard.stem, n_outputs)
-    prov = outdir / f"{shard.stem}{PROVENANCE_SUFFIX}"
-    outdir.mkdir(exist_ok=True)
-    # Provenance first: an output shard that looks complete always has its provenance.
-    write_provenance(prov, provenance_doc(model, str(shard.path), shard.rows, str(out), facts,
-                                          json.loads(row["outputs"]), batch_size))
-    write_atomic(out, bytes(row["data"]))
-    return ShardResult(shard.path, out, prov, shard.rows, float(row["seconds"]),
-                       {"node_id": facts.get("node_id"), "hostname": facts.get("hostname")})
-
-
-__all__ = ["Predictor", "ShardPredictor", "connected", "predict", "run_shards_on_ray"]
+__all__ = ["Predictor", "ShardPredictor", "predict"]

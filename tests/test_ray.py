@@ -249,6 +249,46 @@ def test_bad_shards_exit_2_with_one_line_and_write_nothing(
 # --- on a two-node Ray cluster --------------------------------------------------------------------
 
 
+STATUS_DRIVER = """\
+import json, sys
+from pathlib import Path
+from envlock.raydriver import run_shards_on_ray
+
+address, model, shards, out = sys.argv[1:5]
+seen = []
+result = run_shards_on_ray(model, shards, Path(out), address=address, actors=4,
+                           on_status=lambda e: seen.append({"step": e["event"], **e}),
+                           on_node=lambda f: seen.append({"step": "ready", **f}))
+print(json.dumps({"seen": seen, "actors": list(result.nodes)}))
+"""
+
+
+@pytest.mark.slow
+def test_each_node_says_what_it_does_while_it_prepares(
+        ray_host: Path, cluster: dict[str, str], saved_tiny: Path, features: tuple[Path, Path],
+        tmp_path: Path) -> None:
+    """The status a person sees during the run: each actor says when it starts preparing its
+    node's environment and when it builds it, then its verdict. Run first on fresh node caches:
+    four actors start at once, one build per node."""
+    fresh = not any(Path(cluster[h], "envs").exists() for h in ("home_a", "home_b"))
+    shards = _write_shards(tmp_path / "in", np.load(features[0])[:128], 4)
+    env = _env()
+    env.pop("TF_ENABLE_ONEDNN_OPTS", None)
+    p = subprocess.run([str(ray_host / "python"), "-c", STATUS_DRIVER, cluster["address"], str(saved_tiny),
+                        str(shards), str(tmp_path / "out")], env=env, cwd=tmp_path,
+                       capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    doc = json.loads(p.stdout.strip().splitlines()[-1])
+    assert len(doc["actors"]) == 4
+    for actor in doc["actors"]:
+        steps = [e["step"] for e in doc["seen"] if e["pid"] == actor["pid"]]
+        assert steps[0] == "preparing" and steps[-1] == "ready", steps
+        assert ("building" in steps) == actor["built"], steps  # said while it built, not after
+    for node in ("a", "b"):
+        mine = [a for a in doc["actors"] if a["node_id"] == cluster[node]]
+        assert sum(a["built"] for a in mine) == (1 if fresh and mine else 0)
+
+
 @pytest.mark.slow
 def test_eight_shards_on_ray_from_a_host_without_tensorflow(
         ray_host: Path, cluster: dict[str, str], saved_tiny: Path, features: tuple[Path, Path],
@@ -299,10 +339,6 @@ def conv_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason=(
-    "known bug, issue 14 left open: after a refusal, a Ray thread touches the core worker after "
-    "ray.shutdown() and Ray's C++ ends the process with exit 1 before envlock prints its error "
-    "line ('The core worker has already been shutdown' in ENVLOCK_HOME/logs/ray-*.log); racy"))
 def test_a_node_with_onednn_on_is_refused_by_its_probe(
         ray_host: Path, cluster: dict[str, str], conv_model: Path, tmp_path: Path) -> None:
     """--no-recorded-env lets each node's own oneDNN setting reach its workers, as a node whose
