@@ -362,6 +362,10 @@ CASES: list[Case] = [
     C("diff-python-not-executable", "diff", MODEL, "--python", "notes.txt",
       setup=_write("notes.txt", b"not python\n"), says="notes.txt"),
     C("diff-python-folder", "diff", MODEL, "--python", "pdir", setup=_mkdir("pdir"), says="pdir"),
+    C("diff-python-not-python", "diff", MODEL, "--python", "/bin/true", says="not a Python interpreter"),
+    C("diff-python-script-not-python", "diff", MODEL, "--python", "fake-python",
+      setup=_all(_write("fake-python", b"#!/bin/sh\necho 3.12.0\n"), _chmod("fake-python", 0o755)),
+      says="not a Python interpreter"),
     # 1. permissions (as root too: without CAP_DAC_OVERRIDE)
     C("save-unreadable-model", "save", "locked/model.keras", no_dac=True,
       setup=_all(_mkdir("locked"), lambda w: shutil.copy2(w / MODEL, w / "locked" / MODEL),
