@@ -781,7 +781,7 @@ class EnvCache:
             pip_tool.install(interp.path, spec.requirements_path, target_python=env_python(tmp),
                              require_hashes=spec.require_hashes, index_urls=self.settings.index_urls,
                              find_links=spec.find_links, offline=offline, no_index=spec.no_index,
-                             on_line=on_line)
+                             timeout=self.settings.http_timeout, on_line=on_line)
             version = ".".join(map(str, base_pip))
         else:
             # Seed pip into the venv, install, then take the seed packages out again.
@@ -791,7 +791,7 @@ class EnvCache:
             pip_tool.install(env_python(tmp), spec.requirements_path,
                              require_hashes=spec.require_hashes, index_urls=self.settings.index_urls,
                              find_links=spec.find_links, offline=offline, no_index=spec.no_index,
-                             on_line=on_line)
+                             timeout=self.settings.http_timeout, on_line=on_line)
             locked = locked_pins(spec.requirements_path.read_text(encoding="utf-8"))
             pip_tool.uninstall(env_python(tmp), [p for p in _SEED_PACKAGES if p not in locked])
             version = ".".join(map(str, inner))

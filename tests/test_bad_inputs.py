@@ -759,9 +759,11 @@ def test_an_unreachable_index_is_not_a_deleted_version(installer: str, problem: 
 
 
 @pytest.mark.slow
-def test_an_index_that_never_answers_is_a_timeout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A server that accepts connections and never answers (uv only: pip's own timeout and
-    retries would take minutes; its refusals and HTTP errors are covered above)."""
+@pytest.mark.parametrize("installer", ["uv", "pip"])
+def test_an_index_that_never_answers_is_a_timeout(installer: str, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server that accepts connections and never answers. envlock gives pip ENVLOCK_HTTP_TIMEOUT
+    and bounded retries (pip's own would retry for minutes), so this takes seconds for both."""
     import platform
     import socket
 
@@ -780,10 +782,11 @@ def test_an_index_that_never_answers_is_a_timeout(tmp_path: Path, monkeypatch: p
                                   "UV_CACHE_DIR": str(tmp_path / "uv-cache"), "ENVLOCK_HTTP_TIMEOUT": "2"})
     try:
         with pytest.raises(NetworkError) as err:
-            EnvCache(settings, installer="uv").ensure(EnvSpec.from_lock(lock, platform.python_version()))
+            EnvCache(settings, installer=installer).ensure(EnvSpec.from_lock(lock, platform.python_version()))
     finally:
         silent.close()
     assert err.value.kind == "timeout" and "timed out" in str(err.value)
+    assert err.value.exit_code == 3
 
 
 @pytest.mark.slow
