@@ -16,7 +16,7 @@ import shlex
 import signal
 import sys
 import traceback
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
@@ -56,6 +56,7 @@ ERROR_SCHEMA = "envlock.error/1"
 # Longer messages (a resolver's explanation, a list of 200 packages) are cut; --debug shows all.
 MAX_MESSAGE = 400
 
+
 def _session_kwargs(args: argparse.Namespace, out: Out) -> dict[str, Any]:
     return {
         "strategy": args.strategy, "use_recorded_env": not args.no_recorded_env,
@@ -67,7 +68,7 @@ def _session_kwargs(args: argparse.Namespace, out: Out) -> dict[str, Any]:
     }
 
 
-def _emit(result: Any, out: Out, render: Any) -> None:
+def _emit(result: Any, out: Out, render: Callable[[Any, Out], None]) -> None:
     """The one fork between the two outputs: the result's JSON document, or its human rendering."""
     if out.json:
         out.emit_json(result.to_json())
