@@ -281,4 +281,5 @@ def render_cache_list(result: Any, out: Out) -> None:
 def render_cache_gc(result: Any, out: Out) -> None:
     for r in result.removed:
         out.print(f"removed {r.key[:16]} ({r.reason}, {r.size / 1e6:.0f} MB)")
-    out.print(f"{len(result.removed)} removed")
+    freed = f", up to {result.freed / 1e6:.0f} MB freed" if result.removed else ""
+    out.print(f"{len(result.removed)} removed{freed}")

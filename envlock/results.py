@@ -125,5 +125,10 @@ class CacheGcResult:
 
     schema = "envlock.cache.gc/1"
 
+    @property
+    def freed(self) -> int:
+        """Bytes of the removed folders (hardlinks into uv's cache counted: an upper bound)."""
+        return sum(r.size for r in self.removed)
+
     def to_json(self) -> dict[str, Any]:
         return {"schema": self.schema, "removed": [r.to_json() for r in self.removed]}
