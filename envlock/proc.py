@@ -38,11 +38,12 @@ STDERR_TAIL_LINES = 30
 # becomes the real command. ``start_new_session`` gives it a session of its own in C, between
 # fork and exec, so that kill_tree reaches the whole group.
 _PDEATHSIG_SHIM = """\
-import ctypes, os, signal, sys
+import os, signal, sys
 parent, path, argv = int(sys.argv[1]), sys.argv[2], sys.argv[3:]
 try:
+    import ctypes
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
-except (OSError, AttributeError):
+except (ImportError, OSError, AttributeError):
     pass
 if os.getppid() != parent:  # the parent died before prctl: no signal would come
     os._exit(137)
