@@ -254,7 +254,7 @@ class _Build:
             pip_tool.install(Path(sys.executable), reqs, target_python=python,
                              require_hashes=spec.require_hashes, index_urls=self.settings.index_urls,
                              find_links=spec.find_links, offline=offline, no_index=spec.no_index,
-                             on_line=self._line)
+                             timeout=self.settings.http_timeout, on_line=self._line)
             return "pip"
         uv_tool.pip_install(uv.path, python, reqs, require_hashes=spec.require_hashes,
                             index_urls=self.settings.index_urls, find_links=spec.find_links,

@@ -16,6 +16,7 @@ from envlock.diagnose import NUMERIC_PACKAGES, Finding, Observed, diagnose
 from envlock.errors import BadInputError, WorkerError
 from envlock.gpu import gpu_facts
 from envlock.hostfacts import platform_facts
+from envlock.interpreters import python_version
 from envlock.inventory import inventory
 from envlock.reqfile import locked_pins
 from envlock.running import recorded_environment
@@ -70,6 +71,9 @@ def diff(model: str | os.PathLike[str], *, python: str | os.PathLike[str] | None
     target = Path(python) if python is not None else Path(sys.executable)
     if not target.exists():
         raise BadInputError(f"{target}: no such interpreter")
+    if python_version(target) is None:
+        raise BadInputError(f"{target}: not a Python interpreter (it does not answer `-c` with its version)",
+                            hint="give --python the path of a python executable, e.g. .venv/bin/python")
     locked = locked_pins(sc.file("requirements.lock.txt").read_text())
     current = inventory(target)
     custom = {str(c.get("module", "")).split(".")[0].replace("_", "-")

@@ -310,7 +310,7 @@ class VenvBuild:
         pip_tool.install(pip_python, spec.requirements_path, target_python=target,
                          require_hashes=spec.require_hashes, index_urls=self.settings.index_urls,
                          find_links=spec.find_links, offline=self.offline, no_index=spec.no_index,
-                         on_line=self._line)
+                         timeout=self.settings.http_timeout, on_line=self._line)
 
 
 __all__ = ["BuildEvent", "Progress", "Uv", "VenvBuild", "emit", "env_python", "find_uv_or_pip",

@@ -96,8 +96,8 @@ def _environ(settings: Settings) -> Mapping[str, str]:
     return settings.environ or os.environ
 
 
-def _probe(path: Path) -> str | None:
-    """The version of the CPython at ``path``, or None when it is not one we can build from."""
+def _ask(path: Path) -> dict[str, object] | None:
+    """What the interpreter at ``path`` says about itself, or None when it is no Python."""
     try:
         done = proc.run([path, "-I", "-c", _PROBE], timeout=_PROBE_TIMEOUT, check=False)
     except CommandError:
@@ -108,7 +108,20 @@ def _probe(path: Path) -> str | None:
         info = json.loads(done.stdout.strip().splitlines()[-1])
     except (ValueError, IndexError):
         return None
-    if info.get("implementation") != "cpython" or info.get("free_threaded"):
+    return info if isinstance(info, dict) and "version" in info else None
+
+
+def python_version(path: Path) -> str | None:
+    """The version of the Python (any implementation) at ``path``; None when it is not a Python
+    that answers, e.g. ``/bin/true`` or a script that is not an interpreter."""
+    info = _ask(path)
+    return None if info is None else str(info["version"])
+
+
+def _probe(path: Path) -> str | None:
+    """The version of the CPython at ``path``, or None when it is not one we can build from."""
+    info = _ask(path)
+    if info is None or info.get("implementation") != "cpython" or info.get("free_threaded"):
         return None
     return str(info.get("version"))
 

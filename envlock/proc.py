@@ -9,8 +9,10 @@ Output is read on threads so that a chatty child cannot deadlock on a full pipe.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -29,26 +31,63 @@ _STRIPPED_PREFIXES = ("PIP_", "UV_", "PYTHON", "CONDA_", "VIRTUAL_ENV", "__PYVEN
 STDERR_TAIL_LINES = 30
 
 
-def _die_with_parent(parent: int) -> Callable[[], None]:
-    """For the child, between fork and exec: a new session (so kill_tree reaches the whole
-    group), and on Linux SIGKILL when the thread that started it dies: a SIGKILLed envlock
-    must not leave uv writing into a build folder that the next run has already cleaned."""
+# The parent-death signal, without ``preexec_fn`` (CPython documents it as unsafe in a process
+# with threads, and save starts children while its index threads run). The child is this
+# small Python program: it asks Linux for SIGKILL when the thread that started it dies
+# (PR_SET_PDEATHSIG, which survives exec), checks that the parent has not died already, then
+# becomes the real command. ``start_new_session`` gives it a session of its own in C, between
+# fork and exec, so that kill_tree reaches the whole group.
+_PDEATHSIG_SHIM = """\
+import os, signal, sys
+parent, path, argv = int(sys.argv[1]), sys.argv[2], sys.argv[3:]
+try:
+    import ctypes
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+except (ImportError, OSError, AttributeError):
+    pass
+if os.getppid() != parent:  # the parent died before prctl: no signal would come
+    os._exit(137)
+for name in ("SIGPIPE", "SIGXFSZ"):  # Python ignores these; give the command the defaults back
+    signal.signal(getattr(signal, name), signal.SIG_DFL)
+try:
+    os.execv(path, argv)
+except OSError as exc:
+    sys.stderr.write(f"{path}: {exc.strerror}\\n")
+    os._exit(127)
+"""
 
-    def preexec() -> None:  # pragma: no cover - runs in the child
-        os.setsid()
-        if sys.platform.startswith("linux"):
-            try:
-                import ctypes
 
-                libc = ctypes.CDLL(None, use_errno=True)
-                libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
-            except (OSError, AttributeError):
-                return
-            # The parent may have died between fork and prctl: then no signal will come.
-            if os.getppid() != parent:
-                os._exit(137)
+def _shim_python() -> str | None:
+    """The interpreter that runs the shim: this one, on Linux, when it can be found."""
+    if not sys.platform.startswith("linux") or not sys.executable or not os.path.isfile(sys.executable):
+        return None
+    return sys.executable
 
-    return preexec
+
+def _executable(args: Sequence[str], env: Mapping[str, str], cwd: str | os.PathLike[str] | None) -> str:
+    """The file that ``args[0]`` names, found as Popen would (the child's PATH, relative to ``cwd``);
+    the same FileNotFoundError or PermissionError as Popen when there is none or it cannot run."""
+    name = args[0]
+    if os.sep in name:
+        path = name if os.path.isabs(name) or cwd is None else os.path.join(os.fspath(cwd), name)
+        if not os.path.exists(path):
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), name)
+    else:
+        found = shutil.which(name, path=env.get("PATH", os.defpath))
+        if found is None:
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), name)
+        path = found
+    if os.path.isdir(path) or not os.access(path, os.X_OK):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), name)
+    return name if os.sep in name else path  # a relative path stays one: the child runs in cwd
+
+
+def _dying_with_us(args: list[str], env: Mapping[str, str], cwd: str | os.PathLike[str] | None) -> list[str]:
+    """``args`` wrapped in the parent-death shim (Linux), or as they are where there is none."""
+    shim = _shim_python()
+    if shim is None:
+        return args
+    return [shim, "-I", "-S", "-c", _PDEATHSIG_SHIM, str(os.getpid()), _executable(args, env, cwd), *args]
 
 
 def clean_env(
@@ -111,7 +150,7 @@ def run(
     log.debug("run: %s", " ".join(args))
     try:
         proc = subprocess.Popen(
-            args,
+            _dying_with_us(args, child_env, cwd),
             stdin=subprocess.PIPE if input_text is not None else subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -120,7 +159,7 @@ def run(
             text=True,
             encoding="utf-8",
             errors="replace",
-            preexec_fn=_die_with_parent(os.getpid()) if os.name == "posix" else None,
+            start_new_session=os.name == "posix",
         )
     except FileNotFoundError as exc:
         raise CommandError(args, 127, str(exc), what=what) from exc

@@ -52,9 +52,13 @@ def current_satisfies(sc: Sidecar) -> bool:
 def resolve_environment(sc: Sidecar, *, settings: Settings, strategy: str = "auto",
                         allow_python_download: bool = False, find_links: tuple[str, ...] = (),
                         on_event: Callable[[Any], None] | None = None) -> Resolved:
-    if strategy not in STRATEGIES:
+    """The environment to run in. ``locked`` (``envlock env``'s default) is the locked environment
+    itself, never this interpreter: conda when the sidecar holds a conda-lock.yml, else venv."""
+    if strategy not in (*STRATEGIES, "locked"):
         raise BadInputError(f"unknown strategy {strategy!r} (choose from {', '.join(STRATEGIES)})")
     conda = sc.file("conda-lock.yml").is_file()
+    if strategy == "locked":
+        strategy = "conda" if conda else "venv"
     if strategy == "conda" and not conda:
         raise EnvironmentBuildError("the conda strategy needs a conda-lock.yml in the sidecar; "
                                     "this sidecar was captured outside conda")

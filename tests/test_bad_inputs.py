@@ -362,6 +362,10 @@ CASES: list[Case] = [
     C("diff-python-not-executable", "diff", MODEL, "--python", "notes.txt",
       setup=_write("notes.txt", b"not python\n"), says="notes.txt"),
     C("diff-python-folder", "diff", MODEL, "--python", "pdir", setup=_mkdir("pdir"), says="pdir"),
+    C("diff-python-not-python", "diff", MODEL, "--python", "/bin/true", says="not a Python interpreter"),
+    C("diff-python-script-not-python", "diff", MODEL, "--python", "fake-python",
+      setup=_all(_write("fake-python", b"#!/bin/sh\necho 3.12.0\n"), _chmod("fake-python", 0o755)),
+      says="not a Python interpreter"),
     # 1. permissions (as root too: without CAP_DAC_OVERRIDE)
     C("save-unreadable-model", "save", "locked/model.keras", no_dac=True,
       setup=_all(_mkdir("locked"), lambda w: shutil.copy2(w / MODEL, w / "locked" / MODEL),
@@ -756,9 +760,11 @@ def test_an_unreachable_index_is_not_a_deleted_version(installer: str, problem: 
 
 
 @pytest.mark.slow
-def test_an_index_that_never_answers_is_a_timeout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A server that accepts connections and never answers (uv only: pip's own timeout and
-    retries would take minutes; its refusals and HTTP errors are covered above)."""
+@pytest.mark.parametrize("installer", ["uv", "pip"])
+def test_an_index_that_never_answers_is_a_timeout(installer: str, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server that accepts connections and never answers. envlock gives pip ENVLOCK_HTTP_TIMEOUT
+    and bounded retries (pip's own would retry for minutes), so this takes seconds for both."""
     import platform
     import socket
 
@@ -778,10 +784,11 @@ def test_an_index_that_never_answers_is_a_timeout(tmp_path: Path, monkeypatch: p
                                   "UV_CACHE_DIR": str(tmp_path / "uv-cache"), "ENVLOCK_HTTP_TIMEOUT": "2"})
     try:
         with pytest.raises(NetworkError) as err:
-            EnvCache(settings, installer="uv").ensure(EnvSpec.from_lock(lock, platform.python_version()))
+            EnvCache(settings, installer=installer).ensure(EnvSpec.from_lock(lock, platform.python_version()))
     finally:
         silent.close()
     assert err.value.kind == "timeout" and "timed out" in str(err.value)
+    assert err.value.exit_code == 3
 
 
 @pytest.mark.slow

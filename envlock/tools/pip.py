@@ -18,6 +18,9 @@ from envlock.tools.sources import index_options
 
 # pip learnt `--python` (run against another interpreter's environment) in 22.3.
 MIN_VERSION_FOR_TARGET = (22, 3)
+# pip retries a failed request 5 times by default, with backoff: minutes for an index that
+# never answers. With a timeout given, envlock bounds the retries too.
+RETRIES = 2
 
 
 def find_pip(python: Path) -> tuple[int, ...]:
@@ -53,6 +56,7 @@ def install(
     find_links: Sequence[Path | str] = (),
     offline: bool = False,
     no_index: bool = False,
+    timeout: float | None = None,
     on_line: Callable[[str], None] | None = None,
 ) -> None:
     """Install every pin of ``requirements_path`` (hash-checked, no dependency resolution).
@@ -60,6 +64,7 @@ def install(
     ``pip_python`` runs pip; ``target_python`` (pip >= 22.3) is the environment installed into
     when that is another one, which keeps pip itself out of a locked environment.
     pip has no offline switch: offline means ``--no-index`` (and ``find_links`` only).
+    ``timeout`` (seconds, ENVLOCK_HTTP_TIMEOUT) bounds each request, and then the retries too.
     """
     requirements_path = requirements_path.absolute()
     argv: list[str | os.PathLike[str]] = [pip_python, "-I", "-m", "pip"]
@@ -69,6 +74,8 @@ def install(
              "--progress-bar", "off"]
     if require_hashes:
         argv.append("--require-hashes")
+    if timeout is not None:
+        argv += ["--timeout", f"{timeout:g}", "--retries", str(RETRIES)]
     argv += index_options(index_urls, find_links, no_index=no_index or offline)
     argv += ["-r", requirements_path]
     # pip reports progress on stdout; its stderr holds warnings and errors.
