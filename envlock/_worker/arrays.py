@@ -18,7 +18,7 @@ PROBE_ROWS = 16
 CHUNK_BYTES = 64 * 1024 * 1024
 
 
-def probe_inputs(specs, seed: int = 0, rows: int = PROBE_ROWS):  # type: ignore[no-untyped-def]
+def probe_inputs(specs, seed: int = 0, rows: int = PROBE_ROWS):
     """Seeded probe inputs from the model's input specs (every input of a multi-input model)."""
     rng = np.random.default_rng(seed)
     arrays = {}
@@ -42,14 +42,14 @@ def probe_inputs(specs, seed: int = 0, rows: int = PROBE_ROWS):  # type: ignore[
     return arrays
 
 
-def _load_npy(path: str):  # type: ignore[no-untyped-def]
+def _load_npy(path: str):
     try:
         return np.load(path, mmap_mode="r", allow_pickle=False)
     except ValueError as exc:
         raise WorkerFailure("%s: %s" % (path, exc), kind="input") from None
 
 
-def read_inputs(path: str, specs):  # type: ignore[no-untyped-def]
+def read_inputs(path: str, specs):
     """Arrays in the order of the model's inputs: .npy for one input, .npz keyed by input name."""
     names = [s["name"] for s in specs]
     if path.endswith(".npz"):
@@ -72,11 +72,11 @@ def read_inputs(path: str, specs):  # type: ignore[no-untyped-def]
     return [_load_npy(path)]
 
 
-def check_inputs(arrays, specs) -> None:  # type: ignore[no-untyped-def]
+def check_inputs(arrays, specs) -> None:
     check_shapes([(tuple(a.shape), a.dtype) for a in arrays], specs)
 
 
-def check_shapes(shapes, specs) -> None:  # type: ignore[no-untyped-def]
+def check_shapes(shapes, specs) -> None:
     """Refuse inputs that do not fit the model. ``shapes``: [(shape, dtype)] in input order.
 
     Shared with the host, which checks .npy headers before it starts a worker.
@@ -109,7 +109,7 @@ def check_shapes(shapes, specs) -> None:  # type: ignore[no-untyped-def]
                                 % (n, shape[0]), kind="input")
 
 
-def _normalise_outputs(model, result) -> list:  # type: ignore[no-untyped-def,type-arg]
+def _normalise_outputs(model, result) -> list:
     if isinstance(result, dict):
         return [(str(k), as_array(v)) for k, v in sorted(result.items())]
     if isinstance(result, (list, tuple)):
@@ -118,7 +118,7 @@ def _normalise_outputs(model, result) -> list:  # type: ignore[no-untyped-def,ty
     return [(output_names(model, 1)[0], as_array(result))]
 
 
-def _feedable(model, batch):  # type: ignore[no-untyped-def]
+def _feedable(model, batch):
     """Keras 3 refuses numpy str/bytes arrays ("Invalid dtype: str..."): strings go in as
     string tensors. Keras 2 and numeric arrays take numpy as it is."""
     if not any(b.dtype.kind in "SU" for b in batch) or _keras_major() < 3:
@@ -133,7 +133,7 @@ def _keras_major() -> int:
     return int(str(getattr(import_keras(), "__version__", "3")).split(".")[0] or 3)
 
 
-def predict_to_files(model, arrays, batch_size: int, out_dir: str, progress=None) -> list:  # type: ignore[no-untyped-def,type-arg]
+def predict_to_files(model, arrays, batch_size: int, out_dir: str, progress=None) -> list:
     """Predict in chunks of whole batches and write each output to ``out_dir/<i>.npy``.
 
     Chunks are a multiple of ``batch_size``, so every batch the model sees is the batch that

@@ -15,7 +15,7 @@ from .loading import is_builtin
 from .model import _site_dirs, _sys_path_root
 
 
-def _nodes(node):  # type: ignore[no-untyped-def]
+def _nodes(node):
     if isinstance(node, dict):
         yield node
         for v in node.values():
@@ -25,12 +25,12 @@ def _nodes(node):  # type: ignore[no-untyped-def]
             yield from _nodes(v)
 
 
-def config_objects(config) -> dict:  # type: ignore[no-untyped-def]
+def config_objects(config) -> dict:
     """{name Keras looks up: object} for every class the file names by module and class name,
     where that module is imported already (at save: the file's own modules; at run: those the
     manifest records). Keras 3 imports only its own packages' modules when it resolves a class,
     so a class of an installed package that is not registered would not be found otherwise."""
-    found = {}
+    found: dict = {}
     for node in _nodes(config):
         module, cls = node.get("module"), node.get("class_name")
         if not isinstance(module, str) or not isinstance(cls, str) or is_builtin(module) \
@@ -49,7 +49,7 @@ def config_objects(config) -> dict:  # type: ignore[no-untyped-def]
     return found
 
 
-def distribution_of(module: str):  # type: ignore[no-untyped-def]
+def distribution_of(module: str):
     """{"name", "version"} of the installed distribution that holds top-level ``module``."""
     try:
         from importlib import metadata
@@ -77,10 +77,10 @@ def distribution_of(module: str):  # type: ignore[no-untyped-def]
     return {"name": name, "version": version}
 
 
-def describe_module(name: str):  # type: ignore[no-untyped-def]
+def describe_module(name: str):
     """What the manifest records of a module imported before loading (``--custom-objects``)."""
     mod = sys.modules.get(name)
-    entry = {"module": name, "file": None, "root": None, "sha256": None, "in_site_packages": None,
+    entry: dict = {"module": name, "file": None, "root": None, "sha256": None, "in_site_packages": None,
              "distribution": None}
     file = getattr(mod, "__file__", None)
     if not file or not os.path.exists(file):
@@ -97,7 +97,7 @@ def describe_module(name: str):  # type: ignore[no-untyped-def]
     return entry
 
 
-def add_distributions(entries) -> None:  # type: ignore[no-untyped-def]
+def add_distributions(entries) -> None:
     """Name the distribution of every custom object that lives in an installed package."""
     for e in entries:
         if e.get("in_site_packages") and e.get("module"):

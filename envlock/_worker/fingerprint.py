@@ -13,7 +13,7 @@ import hashlib
 import numpy as np
 
 
-def array_sha256(arr) -> str:  # type: ignore[no-untyped-def]
+def array_sha256(arr) -> str:
     """Hash of dtype, shape and content: two arrays hash alike only if they are bitwise equal.
     Arrays of strings (bytes, str or Python objects from a string tensor) hash element by
     element, length-prefixed, never by the pointers an object array holds."""
@@ -32,7 +32,7 @@ def array_sha256(arr) -> str:  # type: ignore[no-untyped-def]
     return h.hexdigest()
 
 
-def variable_path(v) -> str:  # type: ignore[no-untyped-def]
+def variable_path(v) -> str:
     # Keras 3 variables have .path ("dense/kernel"); tf.keras ones have .name ("dense/kernel:0").
     path = getattr(v, "path", None) or getattr(v, "name", "") or ""
     return path[:-2] if path.endswith(":0") else path
@@ -43,16 +43,16 @@ def layer_of(path: str) -> str:
     return "/".join(parts[:-1]) if len(parts) > 1 else path
 
 
-def _is_variable(v) -> bool:  # type: ignore[no-untyped-def]
+def _is_variable(v) -> bool:
     # Keras 2's TrackableWeightHandler (lookup tables) sits in model.weights with neither.
     return hasattr(v, "numpy") and hasattr(v, "shape")
 
 
-def walk_layers(model, depth_first: bool = False):  # type: ignore[no-untyped-def]
+def walk_layers(model, depth_first: bool = False):
     """The model and every layer in it, nested ones too, each once. Breadth-first in the
     model's order; ``depth_first``: the last child first, down to its leaves, then the one
     before it (the order decides which layer a message names first)."""
-    seen: list = []  # type: ignore[type-arg]
+    seen: list = []
     pending = [model]
     while pending:
         layer = pending.pop() if depth_first else pending.pop(0)
@@ -67,7 +67,7 @@ def walk_layers(model, depth_first: bool = False):  # type: ignore[no-untyped-de
     return seen
 
 
-def _vocabularies(model) -> list:  # type: ignore[no-untyped-def,type-arg]
+def _vocabularies(model) -> list:
     """(path, array) for every lookup layer (StringLookup, IntegerLookup, TextVectorization)."""
     out = []
     for layer in walk_layers(model):
@@ -83,14 +83,14 @@ def _vocabularies(model) -> list:  # type: ignore[no-untyped-def,type-arg]
     return out
 
 
-def _entry(path: str, value, kind: str) -> dict:  # type: ignore[no-untyped-def,type-arg]
+def _entry(path: str, value, kind: str) -> dict:
     arr = np.asarray(value)
     return {"path": path, "shape": [int(d) for d in arr.shape],
             "dtype": "string" if arr.dtype.kind in "OSU" else str(arr.dtype),
             "sha256": array_sha256(arr), "kind": kind}
 
 
-def fingerprint_weights(weights, vocabularies=()) -> dict:  # type: ignore[no-untyped-def]
+def fingerprint_weights(weights, vocabularies=()) -> dict:
     """{"variables": [{"path", "shape", "dtype", "sha256", "kind"}...], "overall": sha256}:
     variables in model order, then vocabularies; anything in ``weights`` that is not a
     variable is left to ``vocabularies``."""
@@ -105,13 +105,13 @@ def fingerprint_weights(weights, vocabularies=()) -> dict:  # type: ignore[no-un
     return {"variables": entries, "overall": overall}
 
 
-def fingerprint_model(model) -> dict:  # type: ignore[no-untyped-def]
+def fingerprint_model(model) -> dict:
     """The fingerprint of a model as held in memory (host, envlock.save) or loaded (worker)."""
     weights = getattr(model, "weights", None) or []
     return fingerprint_weights(list(weights), _vocabularies(model))
 
 
-def compare_fingerprints(expected: dict, actual: dict) -> list:  # type: ignore[type-arg]
+def compare_fingerprints(expected: dict, actual: dict) -> list:
     """Layers whose variables differ. Compared by position (names get other counters in a new
     session), and a different variable count counts as a difference of every layer involved."""
     exp = expected.get("variables", [])
@@ -121,13 +121,13 @@ def compare_fingerprints(expected: dict, actual: dict) -> list:  # type: ignore[
         e = exp[i] if i < len(exp) else None
         a = act[i] if i < len(act) else None
         if e is None or a is None or e["sha256"] != a["sha256"]:
-            name = layer_of((a or e)["path"])  # type: ignore[index]
+            name = layer_of((a or e or {})["path"])
             if name not in bad:
                 bad.append(name)
     return bad
 
 
-def compare_with_stored(stored: list, actual: dict) -> list:  # type: ignore[type-arg]
+def compare_with_stored(stored: list, actual: dict) -> list:
     """Layers whose loaded variables are not the arrays the file stores for them.
 
     ``stored`` is [{"group", "index", "sha256", "layer"}...] read from the file itself:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+from typing import Any
 
 ENV_VARS = (
     "TF_ENABLE_ONEDNN_OPTS", "TF_DETERMINISTIC_OPS", "TF_CUDNN_DETERMINISTIC", "TF_XLA_FLAGS",
@@ -24,7 +25,7 @@ PACKAGES = ("tensorflow", "tensorflow-cpu", "tensorflow-intel", "tensorflow-maco
             "tf-keras", "jax", "jaxlib", "torch", "numpy", "h5py", "ml-dtypes")
 
 
-def _dist_version(name: str):  # type: ignore[no-untyped-def]
+def _dist_version(name: str):
     try:
         from importlib import metadata
         return metadata.version(name)
@@ -36,16 +37,16 @@ def uses_legacy_keras() -> bool:
     return os.environ.get("TF_USE_LEGACY_KERAS", "").lower() in ("1", "true", "yes")
 
 
-def import_keras():  # type: ignore[no-untyped-def]
+def import_keras():
     """The Keras a user's `import keras` / `tf.keras` resolves to in this environment."""
     if uses_legacy_keras():
         try:
-            import tf_keras as keras  # type: ignore
+            import tf_keras as keras
             return keras
         except ImportError:
             pass
     try:
-        import keras  # type: ignore
+        import keras
         return keras
     except ImportError as exc:
         # Only where the keras package is absent (Keras 2 inside TensorFlow). An installed
@@ -53,23 +54,23 @@ def import_keras():  # type: ignore[no-untyped-def]
         # loader, which would fail later and less clearly.
         if getattr(exc, "name", None) not in (None, "keras") or _dist_version("keras") is not None:
             raise
-        from tensorflow import keras  # type: ignore
+        from tensorflow import keras
         return keras
 
 
-def import_tf():  # type: ignore[no-untyped-def]
+def import_tf():
     try:
-        import tensorflow as tf  # type: ignore
+        import tensorflow as tf
         return tf
     except ImportError:
         return None
 
 
-def keras_version(keras) -> str:  # type: ignore[no-untyped-def]
+def keras_version(keras) -> str:
     return str(getattr(keras, "__version__", None) or _dist_version("keras") or "")
 
 
-def keras_backend(keras) -> str:  # type: ignore[no-untyped-def]
+def keras_backend(keras) -> str:
     cfg = getattr(keras, "config", None)
     if cfg is not None and hasattr(cfg, "backend"):
         return str(cfg.backend())
@@ -90,7 +91,7 @@ def requested_backend() -> str:
         return "tensorflow"
 
 
-def framework_facts() -> dict:  # type: ignore[type-arg]
+def framework_facts() -> dict:
     """The framework's facts; where Keras cannot be imported (its backend is missing), those
     that package metadata gives, and the import error."""
     versions = {}
@@ -152,27 +153,27 @@ def framework_facts() -> dict:  # type: ignore[type-arg]
     return facts
 
 
-def _onednn(tf) -> dict:  # type: ignore[no-untyped-def,type-arg]
+def _onednn(tf) -> dict:
     requested = os.environ.get("TF_ENABLE_ONEDNN_OPTS")
     effective = None
     if tf is not None:
         try:
-            from tensorflow.python.util import _pywrap_util_port  # type: ignore
+            from tensorflow.python.util import _pywrap_util_port
             effective = bool(_pywrap_util_port.IsMklEnabled())
         except Exception:
             effective = None
     return {"env": requested, "effective": effective}
 
 
-def _op_determinism(tf):  # type: ignore[no-untyped-def]
+def _op_determinism(tf):
     fn = getattr(tf.config.experimental, "is_op_determinism_enabled", None)
     if fn is None:  # not exported by every release; the internal one has been there since 2.8
-        from tensorflow.python.framework import config as tf_config  # type: ignore
+        from tensorflow.python.framework import config as tf_config
         fn = tf_config.is_op_determinism_enabled
     return bool(fn())
 
 
-def determinism_facts() -> dict:  # type: ignore[type-arg]
+def determinism_facts() -> dict:
     try:
         keras = import_keras()
     except Exception:  # its backend is missing: framework_facts says so
@@ -218,21 +219,21 @@ def determinism_facts() -> dict:  # type: ignore[type-arg]
     except Exception:
         pass
     try:
-        cfg = getattr(keras, "config", None)
-        has = cfg is not None and hasattr(cfg, "floatx")
-        facts["floatx"] = cfg.floatx() if has else keras.backend.floatx()
+        kcfg: Any = getattr(keras, "config", None)
+        has = kcfg is not None and hasattr(kcfg, "floatx")
+        facts["floatx"] = kcfg.floatx() if has else keras.backend.floatx()
     except Exception:
         pass
     return facts
 
 
-def apply_settings(settings: dict) -> list:  # type: ignore[type-arg]
+def apply_settings(settings: dict) -> list:
     """Apply recorded in-process settings before the model is built. Returns what was applied.
 
     Threads must be set before TensorFlow runs its first op, so this runs before loading.
     """
     tf = import_tf()
-    applied = []
+    applied: list = []
     if tf is None:
         apply_dtypes(settings, applied)
         return applied
@@ -267,7 +268,7 @@ def apply_settings(settings: dict) -> list:  # type: ignore[type-arg]
     return applied
 
 
-def apply_dtypes(settings: dict, applied: list, force: bool = False) -> None:  # type: ignore[type-arg]
+def apply_dtypes(settings: dict, applied: list, force: bool = False) -> None:
     """The global dtype policy and floatx. Unless ``force``, only a value other than Keras'
     default is applied (a policy set by the environment itself stays, and is reported)."""
     keras = None
@@ -277,7 +278,7 @@ def apply_dtypes(settings: dict, applied: list, force: bool = False) -> None:  #
             continue
         try:
             keras = keras or import_keras()
-            cfg = getattr(keras, "config", None)
+            cfg: Any = getattr(keras, "config", None)
             if key == "floatx":
                 (cfg.set_floatx if hasattr(cfg, "set_floatx") else keras.backend.set_floatx)(value)
             elif hasattr(cfg, "set_dtype_policy"):
@@ -289,7 +290,7 @@ def apply_dtypes(settings: dict, applied: list, force: bool = False) -> None:  #
             pass
 
 
-def apply_caller_settings(settings: dict) -> None:  # type: ignore[type-arg]
+def apply_caller_settings(settings: dict) -> None:
     """Settings read from the process that called envlock.save, applied before each load of a
     (possibly reused) reload worker: dtype policy and floatx always, op determinism when on,
     TF32 and the global jit as the caller had them. (The thread pools cannot change once an op

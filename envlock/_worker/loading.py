@@ -19,7 +19,7 @@ BUILTIN_PREFIXES = ("keras", "tensorflow", "tf_keras", "builtins", "numpy", "ker
 class WorkerFailure(Exception):
     """A failure the host shows as one line; ``cause`` is a DESIGN section 4 code."""
 
-    def __init__(self, message: str, cause=None, kind="load"):  # type: ignore[no-untyped-def]
+    def __init__(self, message: str, cause=None, kind="load"):
         Exception.__init__(self, message)
         self.cause = cause
         self.kind = kind
@@ -41,7 +41,7 @@ class _SavedModelWrapper:
     """A SavedModel directory loaded under Keras 3, which no longer loads it as a Model."""
 
 
-def load_model(path: str, safe_mode: bool = True, custom_objects=None):  # type: ignore[no-untyped-def]
+def load_model(path: str, safe_mode: bool = True, custom_objects=None):
     keras = import_keras()
     fmt = model_format(path)
     kwargs = {"compile": False}
@@ -61,7 +61,7 @@ def load_model(path: str, safe_mode: bool = True, custom_objects=None):  # type:
                             cause=cause) from None
 
 
-def stored_jit_compile(path: str):  # type: ignore[no-untyped-def]
+def stored_jit_compile(path: str):
     """jit_compile as model.compile() stored it in a .keras file (None: not stored)."""
     if model_format(path) != "keras":
         return None
@@ -73,7 +73,7 @@ def stored_jit_compile(path: str):  # type: ignore[no-untyped-def]
     return ((cfg or {}).get("compile_config") or {}).get("jit_compile")
 
 
-def honour_stored_jit(model, path: str):  # type: ignore[no-untyped-def]
+def honour_stored_jit(model, path: str):
     """Loading with compile=False drops the jit_compile a .keras file stores; predict as the
     saved model did. Returns {"stored", "effective", "honoured"} (effective: what predict uses)."""
     stored = stored_jit_compile(path)
@@ -94,7 +94,7 @@ _MISSING_MARKERS = ("could not locate", "unknown layer", "unknown object", "no m
                     "custom_objects")
 
 
-def _explain_load_error(exc):  # type: ignore[no-untyped-def]
+def _explain_load_error(exc):
     """The most specific message in the exception chain: Keras wraps "Could not locate class
     'X'" in a generic "could not be deserialized properly"."""
     chain = []
@@ -115,7 +115,7 @@ def _explain_load_error(exc):  # type: ignore[no-untyped-def]
     return (text.splitlines()[0] if text else type(exc).__name__), None
 
 
-def walk_config(node, found):  # type: ignore[no-untyped-def]
+def walk_config(node, found):
     if isinstance(node, dict):
         module = node.get("module")
         cls = node.get("class_name")
@@ -144,7 +144,7 @@ def walk_config(node, found):  # type: ignore[no-untyped-def]
             walk_config(v, found)
 
 
-def read_file_config(path: str):  # type: ignore[no-untyped-def]
+def read_file_config(path: str):
     """The model config as stored in the file, without loading the model."""
     fmt = model_format(path)
     try:
@@ -152,7 +152,7 @@ def read_file_config(path: str):  # type: ignore[no-untyped-def]
             with zipfile.ZipFile(path) as zf:
                 return json.loads(zf.read("config.json"))
         if fmt == "h5":
-            import h5py  # type: ignore
+            import h5py
             with h5py.File(path, "r") as f:
                 raw = f.attrs.get("model_config")
                 if raw is None:
@@ -166,7 +166,7 @@ def read_file_config(path: str):  # type: ignore[no-untyped-def]
     return None
 
 
-def _savedmodel_root_metadata(path: str):  # type: ignore[no-untyped-def]
+def _savedmodel_root_metadata(path: str):
     """The root object's JSON in a tf.keras SavedModel's keras_metadata.pb (the one holding
     ``model_config`` and ``keras_version``), read without protobuf: every node's metadata is
     a JSON string, and the root's comes first."""
@@ -189,10 +189,10 @@ def _savedmodel_root_metadata(path: str):  # type: ignore[no-untyped-def]
     return None
 
 
-def file_metadata(path: str):  # type: ignore[no-untyped-def]
+def file_metadata(path: str):
     """Keras version and backend as the file records them. Legacy HDF5 files store them as
     variable-length strings, which only an HDF5 reader finds (the host reads no HDF5)."""
-    found = {"keras_version": None, "backend": None}
+    found: dict = {"keras_version": None, "backend": None}
     fmt = model_format(path)
     try:
         if fmt == "keras":
@@ -201,7 +201,7 @@ def file_metadata(path: str):  # type: ignore[no-untyped-def]
                     found.update({k: v for k, v in json.loads(zf.read("metadata.json")).items()
                                   if k in found})
         elif fmt == "h5":
-            import h5py  # type: ignore
+            import h5py
             with h5py.File(path, "r") as f:
                 for key in found:
                     value = f.attrs.get(key)
@@ -218,13 +218,13 @@ def file_metadata(path: str):  # type: ignore[no-untyped-def]
     return found
 
 
-def config_modules(config) -> list:  # type: ignore[no-untyped-def,type-arg]
-    found = {}
+def config_modules(config) -> list:
+    found: dict = {}
     walk_config(config, found)
     return sorted({module for module, _ in found if module not in ("__main__", "<registered>")})
 
 
-def load_extra_modules(modules, sys_path, strict=True) -> list:  # type: ignore[no-untyped-def,type-arg]
+def load_extra_modules(modules, sys_path, strict=True) -> list:
     for p in reversed(sys_path or []):
         if p not in sys.path:
             sys.path.insert(0, p)

@@ -15,40 +15,41 @@ import sys
 import tempfile
 import time
 import traceback
+from typing import Any
 
 from . import protocol
 
 
 class Worker:
-    def __init__(self, out) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, out) -> None:
         self.out = out
-        self.model = None
-        self.path = None
-        self.config = None
-        self.specs = None
+        self.model: Any = None
+        self.path: Any = None
+        self.config: Any = None
+        self.specs: Any = None
         self._request_id = None
         self.start_path = list(sys.path)
 
-    def emit(self, event: dict) -> None:  # type: ignore[type-arg]
+    def emit(self, event: dict) -> None:
         event = dict(event)
         event["id"] = self._request_id
         protocol.write_frame(self.out, event)
 
     # -- ops -----------------------------------------------------------------------------
-    def op_hello(self, args):  # type: ignore[no-untyped-def]
+    def op_hello(self, args):
         import platform
         return {"pid": os.getpid(), "python": platform.python_version(),
                 "implementation": platform.python_implementation().lower(),
                 "executable": sys.executable}
 
-    def op_inventory(self, args):  # type: ignore[no-untyped-def]
+    def op_inventory(self, args):
         from .inventory import installed
         # The path as the interpreter started: importing a framework can extend it (TF 2.15
         # pulls in setuptools, which puts its own _vendor folder on sys.path), and vendored
         # copies are no installed distributions.
         return installed(self.start_path)
 
-    def op_prepare(self, args):  # type: ignore[no-untyped-def]
+    def op_prepare(self, args):
         """Import the framework (the slow part), apply settings, import custom modules."""
         from .framework import apply_settings, framework_facts, import_keras, import_tf
         from .loading import load_extra_modules
@@ -66,7 +67,7 @@ class Worker:
                 "module_facts": [describe_module(m) for m in modules],
                 "import_seconds": time.time() - t0}
 
-    def op_load(self, args):  # type: ignore[no-untyped-def]
+    def op_load(self, args):
         from .customcode import add_distributions, config_objects
         from .loading import file_metadata, load_model, read_file_config
         from .model import custom_objects, input_specs, static_findings, untracked_arrays
@@ -113,19 +114,19 @@ class Worker:
             "file_metadata": file_metadata(self.path),
         }
 
-    def op_facts(self, args):  # type: ignore[no-untyped-def]
+    def op_facts(self, args):
         from .framework import determinism_facts, framework_facts
         return {"framework": framework_facts(), "determinism": determinism_facts()}
 
-    def op_fingerprint(self, args):  # type: ignore[no-untyped-def]
+    def op_fingerprint(self, args):
         from .fingerprint import fingerprint_model
         return fingerprint_model(self._need_model())
 
-    def op_stored_weights(self, args):  # type: ignore[no-untyped-def]
+    def op_stored_weights(self, args):
         from .storedweights import stored_weights
         return stored_weights(args.get("path") or self.path)
 
-    def op_random_layer(self, args):  # type: ignore[no-untyped-def]
+    def op_random_layer(self, args):
         import numpy as np
 
         from .model import random_layer
@@ -133,7 +134,7 @@ class Worker:
             inputs = {k: npz[k] for k in npz.files}
         return {"layer": random_layer(self._need_model(), inputs)}
 
-    def op_make_probe(self, args):  # type: ignore[no-untyped-def]
+    def op_make_probe(self, args):
         import numpy as np
 
         from .arrays import probe_inputs
@@ -142,7 +143,7 @@ class Worker:
         np.savez(args["path"], **arrays)
         return {"names": list(arrays)}
 
-    def op_predict(self, args):  # type: ignore[no-untyped-def]
+    def op_predict(self, args):
         """Predict ``input`` (npy/npz) into ``output`` (.npy, or .npz for several outputs)."""
         import numpy as np
 
@@ -156,7 +157,7 @@ class Worker:
             every = max(1, int(args.get("progress_every", 1)))
             calls = [0]
 
-            def progress(done, total):  # type: ignore[no-untyped-def]
+            def progress(done, total):
                 calls[0] += 1
                 if calls[0] % every == 0 or done == total:
                     self.emit({"event": "progress", "done": done, "total": total})
@@ -178,10 +179,10 @@ class Worker:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    def op_shutdown(self, args):  # type: ignore[no-untyped-def]
+    def op_shutdown(self, args):
         return {"bye": True}
 
-    def _need_model(self):  # type: ignore[no-untyped-def]
+    def _need_model(self):
         if self.model is None:
             from .loading import WorkerFailure
             raise WorkerFailure("no model loaded", kind="protocol")

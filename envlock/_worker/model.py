@@ -19,7 +19,7 @@ from .framework import import_keras, import_tf
 from .loading import WorkerFailure, is_builtin, model_format, walk_config
 
 
-def _site_dirs():  # type: ignore[no-untyped-def]
+def _site_dirs():
     dirs = set()
     for key in ("purelib", "platlib", "stdlib", "platstdlib"):
         with contextlib.suppress(Exception):
@@ -33,7 +33,7 @@ def _site_dirs():  # type: ignore[no-untyped-def]
     return [d for d in dirs if d]
 
 
-def _sys_path_root(file_path: str, module: str):  # type: ignore[no-untyped-def]
+def _sys_path_root(file_path: str, module: str):
     """The sys.path entry under which `module` was found, from its file and dotted name."""
     parts = module.split(".")
     root = os.path.dirname(os.path.realpath(file_path))
@@ -44,7 +44,7 @@ def _sys_path_root(file_path: str, module: str):  # type: ignore[no-untyped-def]
     return root
 
 
-def _registry_function(name):  # type: ignore[no-untyped-def]
+def _registry_function(name):
     """keras.saving.<name>, else keras.utils.<name>, else tf.keras.utils.<name>: Keras 2.12's
     standalone ``keras.utils`` has get_registered_name but not get_registered_object."""
     keras = import_keras()
@@ -60,7 +60,7 @@ def _registry_function(name):  # type: ignore[no-untyped-def]
     return None
 
 
-def _registered(name):  # type: ignore[no-untyped-def]
+def _registered(name):
     getter = _registry_function("get_registered_object")
     try:
         return getter(name) if getter is not None else None
@@ -68,7 +68,7 @@ def _registered(name):  # type: ignore[no-untyped-def]
         return None
 
 
-def _registered_name(obj):  # type: ignore[no-untyped-def]
+def _registered_name(obj):
     getter = _registry_function("get_registered_name")
     try:
         name = getter(obj) if getter is not None else None
@@ -78,7 +78,7 @@ def _registered_name(obj):  # type: ignore[no-untyped-def]
     return name if isinstance(name, str) and ">" in name else None
 
 
-def describe_object(module: str, name: str, registered, model_classes):  # type: ignore[no-untyped-def]
+def describe_object(module: str, name: str, registered, model_classes):
     obj = model_classes.get((module, name))
     if module == "<registered>":
         obj = _registered(name)
@@ -127,14 +127,14 @@ def describe_object(module: str, name: str, registered, model_classes):  # type:
     return entry
 
 
-def _all_layers(model):  # type: ignore[no-untyped-def]
+def _all_layers(model):
     return walk_layers(model, depth_first=True)
 
 
-def custom_objects(model, config, passed=None) -> list:  # type: ignore[no-untyped-def,type-arg]
+def custom_objects(model, config, passed=None) -> list:
     """``passed``: objects given to load_model as custom_objects (functions Keras 3 writes as
     module "builtins" are known only from there)."""
-    found = {}
+    found: dict = {}
     model_classes = {}
     for obj in [type(layer) for layer in _all_layers(model)] + list((passed or {}).values()):
         mod = getattr(obj, "__module__", None) or ""
@@ -142,7 +142,7 @@ def custom_objects(model, config, passed=None) -> list:  # type: ignore[no-untyp
             found.setdefault((mod, obj.__qualname__), _registered_name(obj))
             model_classes[(mod, obj.__qualname__)] = obj
     if config is not None:
-        from_config = {}
+        from_config: dict = {}
         walk_config(config, from_config)
         # A registered name the model's own classes already answer for is not another object.
         known = {r for r in found.values() if r}
@@ -161,11 +161,11 @@ def custom_objects(model, config, passed=None) -> list:  # type: ignore[no-untyp
     return out
 
 
-def static_findings(model) -> list:  # type: ignore[no-untyped-def,type-arg]
+def static_findings(model) -> list:
     """Layers whose output depends on randomness at inference, found from the model itself."""
     keras = import_keras()
     findings = []
-    random_bases = []
+    random_bases: list = []
     for name in ("RandomFlip", "RandomRotation", "RandomZoom", "RandomCrop", "RandomContrast",
                  "RandomTranslation", "RandomBrightness", "GaussianNoise", "GaussianDropout",
                  "AlphaDropout", "Dropout", "SpatialDropout1D", "SpatialDropout2D"):
@@ -173,8 +173,8 @@ def static_findings(model) -> list:  # type: ignore[no-untyped-def,type-arg]
         if cls is not None:
             random_bases.append(cls)
     for layer in _all_layers(model):
-        if random_bases and isinstance(layer, tuple(random_bases)):
-            cfg = {}
+        if random_bases and any(isinstance(layer, base) for base in random_bases):
+            cfg: dict = {}
             with contextlib.suppress(Exception):
                 cfg = layer.get_config()
             if cfg.get("training") is True or getattr(layer, "_envlock_force_training", False):
@@ -183,7 +183,7 @@ def static_findings(model) -> list:  # type: ignore[no-untyped-def,type-arg]
     return findings
 
 
-def untracked_arrays(model) -> list:  # type: ignore[no-untyped-def,type-arg]
+def untracked_arrays(model) -> list:
     """numpy arrays held by layers as plain attributes: not variables, so not in the file.
     Drawn at construction (np.random in __init__), they are other arrays at every load."""
     out = []
@@ -198,7 +198,7 @@ def untracked_arrays(model) -> list:  # type: ignore[no-untyped-def,type-arg]
     return out
 
 
-def _flat_arrays(x) -> list:  # type: ignore[no-untyped-def,type-arg]
+def _flat_arrays(x) -> list:
     if isinstance(x, dict):
         return [a for k in sorted(x, key=str) for a in _flat_arrays(x[k])]
     if isinstance(x, (list, tuple)):
@@ -209,18 +209,18 @@ def _flat_arrays(x) -> list:  # type: ignore[no-untyped-def,type-arg]
         return []
 
 
-def _same(a: list, b: list) -> bool:  # type: ignore[type-arg]
+def _same(a: list, b: list) -> bool:
     return len(a) == len(b) and all(u.shape == v.shape and np.array_equal(u, v) for u, v in zip(a, b))
 
 
-def _record_calls(model, layers, x, log):  # type: ignore[no-untyped-def]
+def _record_calls(model, layers, x, log):
     """Call the model once in inference mode, every layer's call() wrapped to append (layer,
     its inputs, its outputs) to ``log`` as it returns: the innermost layers come first."""
     originals = []
     for layer in layers:
         orig = layer.call
 
-        def wrapped(*args, __orig=orig, __layer=layer, **kwargs):  # type: ignore[no-untyped-def]
+        def wrapped(*args, __orig=orig, __layer=layer, **kwargs):
             out = __orig(*args, **kwargs)
             log.append((__layer, _flat_arrays(args[:1]), _flat_arrays(out)))
             return out
@@ -234,15 +234,15 @@ def _record_calls(model, layers, x, log):  # type: ignore[no-untyped-def]
                 object.__delattr__(layer, "call")
 
 
-def _random_by_hooks(model, x):  # type: ignore[no-untyped-def]
+def _random_by_hooks(model, x):
     """Two eager calls, every layer's (nested ones too) inputs and outputs recorded: the
     innermost user-written layer given the same inputs twice and answering otherwise (a
     built-in layer there only does what the user's layer asks of it), else the innermost one."""
     layers = [layer for layer in walk_layers(model) if layer is not model]
     if not layers:
         return None
-    first: list = []  # type: ignore[type-arg]
-    second: list = []  # type: ignore[type-arg]
+    first: list = []
+    second: list = []
     _record_calls(model, layers, x, first)
     _record_calls(model, layers, x, second)
     if len(first) != len(second):
@@ -255,7 +255,7 @@ def _random_by_hooks(model, x):  # type: ignore[no-untyped-def]
     return random[0].name if random else None
 
 
-def _random_by_submodels(model, ins, x):  # type: ignore[no-untyped-def]
+def _random_by_submodels(model, ins, x):
     """A functional model's layers, each as the output of a sub-model called twice."""
     keras = import_keras()
     for layer in getattr(model, "layers", []):
@@ -271,7 +271,7 @@ def _random_by_submodels(model, ins, x):  # type: ignore[no-untyped-def]
     return None
 
 
-def random_layer(model, inputs):  # type: ignore[no-untyped-def]
+def random_layer(model, inputs):
     """The layer whose output differs between two calls on the same inputs in inference mode:
     a random op in call() that ignores ``training``. Functional or subclassed models, and
     layers nested in either. None when none differs (or the model cannot be called so)."""
@@ -288,11 +288,11 @@ def random_layer(model, inputs):  # type: ignore[no-untyped-def]
 
 # -- specs -------------------------------------------------------------------------------
 
-def _dtype_name(dt) -> str:  # type: ignore[no-untyped-def]
+def _dtype_name(dt) -> str:
     return str(getattr(dt, "name", dt))
 
 
-def _shape_list(shape):  # type: ignore[no-untyped-def]
+def _shape_list(shape):
     try:
         dims = shape.as_list()
     except AttributeError:
@@ -305,14 +305,14 @@ def _clean_name(name: str) -> str:
     return name[:-2] if name.endswith(":0") else name
 
 
-def _signature_specs(sig):  # type: ignore[no-untyped-def]
+def _signature_specs(sig):
     args, kwargs = sig
     specs = list(kwargs.items()) if kwargs else [("input_%d" % i, sp) for i, sp in enumerate(args)]
     return [{"name": n, "shape": _shape_list(sp.shape), "dtype": _dtype_name(sp.dtype)}
             for n, sp in sorted(specs)]
 
 
-def _serving_signature(path: str):  # type: ignore[no-untyped-def]
+def _serving_signature(path: str):
     """A SavedModel's serving_default input signature, or None."""
     tf = import_tf()
     if tf is None or model_format(path) != "savedmodel":
@@ -324,7 +324,7 @@ def _serving_signature(path: str):  # type: ignore[no-untyped-def]
     return getattr(fn, "structured_input_signature", None)
 
 
-def input_specs(model, path=None, given=None) -> list:  # type: ignore[no-untyped-def,type-arg]
+def input_specs(model, path=None, given=None) -> list:
     """The model's inputs: from its graph, a SavedModel's serving signature, else ``given``
     (what the host knows: the probe's arrays at save, the manifest later)."""
     inputs = getattr(model, "inputs", None)
@@ -347,11 +347,11 @@ def input_specs(model, path=None, given=None) -> list:  # type: ignore[no-untype
                         kind="input")
 
 
-def unique_names(names) -> list:  # type: ignore[no-untyped-def,type-arg]
+def unique_names(names) -> list:
     """Names made unique, stably: the first keeps its name, the next ones get _1, _2... (skipping
     any name the list already holds). Keras 3 names every output of one layer after the layer."""
     taken = set(names)
-    seen: set = set()  # type: ignore[type-arg]
+    seen: set = set()
     out = []
     for n in names:
         if n in seen:
@@ -365,21 +365,21 @@ def unique_names(names) -> list:  # type: ignore[no-untyped-def,type-arg]
     return out
 
 
-def output_names(model, n: int) -> list:  # type: ignore[no-untyped-def,type-arg]
+def output_names(model, n: int) -> list:
     names = getattr(model, "output_names", None)
     if names and len(names) == n:
         return unique_names([str(x) for x in names])
     return ["output_%d" % i for i in range(n)]
 
 
-def model_weights(model):  # type: ignore[no-untyped-def]
+def model_weights(model):
     weights = getattr(model, "weights", None)
     if weights is None:
         return []
     return list(weights)
 
 
-def as_array(x) -> np.ndarray:  # type: ignore[no-untyped-def]
+def as_array(x) -> np.ndarray:
     if hasattr(x, "numpy"):
         x = x.numpy()
     return np.asarray(x)

@@ -24,12 +24,12 @@ def encode(obj: object) -> bytes:
     return _HEADER.pack(len(body)) + body
 
 
-def write_frame(stream, obj: object) -> None:  # type: ignore[no-untyped-def]
+def write_frame(stream, obj: object) -> None:
     stream.write(encode(obj))
     stream.flush()
 
 
-def _read_exact(stream, n: int) -> bytes:  # type: ignore[no-untyped-def]
+def _read_exact(stream, n: int) -> bytes:
     chunks = []
     while n:
         chunk = stream.read(n)
@@ -40,7 +40,7 @@ def _read_exact(stream, n: int) -> bytes:  # type: ignore[no-untyped-def]
     return b"".join(chunks)
 
 
-def read_frame(stream):  # type: ignore[no-untyped-def]
+def read_frame(stream):
     """The next frame's object, or None at a clean end of stream."""
     header = _read_exact(stream, _HEADER.size)
     if not header:
@@ -62,7 +62,7 @@ class FrameDecoder:
     def __init__(self) -> None:
         self._buf = bytearray()
 
-    def feed(self, data: bytes) -> list:  # type: ignore[type-arg]
+    def feed(self, data: bytes) -> list:
         self._buf.extend(data)
         out = []
         while len(self._buf) >= _HEADER.size:

@@ -14,11 +14,11 @@ from .loading import model_format
 _NOT_MODEL_STATE = ("optimizer", "optimizer_weights", "metrics", "compile_metrics")
 
 
-def _keras_arrays(f, out):  # type: ignore[no-untyped-def]
+def _keras_arrays(f, out):
     """A .keras file's model.weights.h5: <path of one layer>/vars/<i>, i in the layer's order."""
-    import h5py  # type: ignore
+    import h5py
 
-    def visit(name, obj):  # type: ignore[no-untyped-def]
+    def visit(name, obj):
         if not isinstance(obj, h5py.Dataset):
             return
         parts = name.split("/")
@@ -34,10 +34,10 @@ def _keras_arrays(f, out):  # type: ignore[no-untyped-def]
     f.visititems(visit)
 
 
-def _h5_arrays(f, out):  # type: ignore[no-untyped-def]
+def _h5_arrays(f, out):
     """A legacy .h5 file: model_weights/<layer>/<weight name>, ordered by the layer's
     ``weight_names`` (the order in which Keras assigns them back)."""
-    import h5py  # type: ignore
+    import h5py
     root = f.get("model_weights", f)
     for layer_name in root:
         if layer_name in _NOT_MODEL_STATE:
@@ -65,7 +65,7 @@ def _h5_arrays(f, out):  # type: ignore[no-untyped-def]
 class _StoredMember:
     """A read-only file object over an uncompressed zip member, in place in the archive."""
 
-    def __init__(self, path, info):  # type: ignore[no-untyped-def]
+    def __init__(self, path, info):
         import struct
         self._fh = open(path, "rb")  # noqa: SIM115  (closed by close(), as a file object is)
         self._fh.seek(info.header_offset)
@@ -75,15 +75,15 @@ class _StoredMember:
         self._size = info.file_size
         self._pos = 0
 
-    def seek(self, offset, whence=0):  # type: ignore[no-untyped-def]
+    def seek(self, offset, whence=0):
         base = {0: 0, 1: self._pos, 2: self._size}[whence]
         self._pos = max(0, base + offset)
         return self._pos
 
-    def tell(self):  # type: ignore[no-untyped-def]
+    def tell(self):
         return self._pos
 
-    def readinto(self, buf):  # type: ignore[no-untyped-def]
+    def readinto(self, buf):
         view = memoryview(buf).cast("B")
         n = max(0, min(len(view), self._size - self._pos))
         self._fh.seek(self._start + self._pos)
@@ -91,30 +91,30 @@ class _StoredMember:
         self._pos += got
         return got
 
-    def read(self, n=-1):  # type: ignore[no-untyped-def]
+    def read(self, n=-1):
         n = self._size - self._pos if n is None or n < 0 else min(n, self._size - self._pos)
         buf = bytearray(max(0, n))
         return bytes(buf[:self.readinto(buf)])
 
-    def close(self):  # type: ignore[no-untyped-def]
+    def close(self):
         self._fh.close()
 
-    def __enter__(self):  # type: ignore[no-untyped-def]
+    def __enter__(self):
         return self
 
-    def __exit__(self, *exc):  # type: ignore[no-untyped-def]
+    def __exit__(self, *exc):
         self.close()
 
 
-def stored_weights(path: str) -> list:  # type: ignore[type-arg]
+def stored_weights(path: str) -> list:
     """Every weight array stored in the model file: {"layer", "group", "index", "key", "sha256"}
     (see fingerprint.compare_with_stored). Optimizer state and metrics are left out."""
     fmt = model_format(path)
-    out: list = []  # type: ignore[type-arg]
+    out: list = []
     if fmt == "keras":
         import io
 
-        import h5py  # type: ignore
+        import h5py
         with zipfile.ZipFile(path) as zf:
             names = zf.namelist()
             if "model.weights.h5" not in names:
@@ -127,7 +127,7 @@ def stored_weights(path: str) -> list:  # type: ignore[type-arg]
         with data, h5py.File(data, "r") as f:
             _keras_arrays(f, out)
     elif fmt == "h5":
-        import h5py  # type: ignore
+        import h5py
         with h5py.File(path, "r") as f:
             _h5_arrays(f, out)
     else:
