@@ -85,7 +85,7 @@ def test_a_signal_during_save_is_prompt_while_lookups_hang(tiny_project: Path, t
         sent = time.monotonic()
         proc.send_signal(sig)
         try:
-            out, err = proc.communicate(timeout=HTTP_TIMEOUT * 2)
+            _, err = proc.communicate(timeout=HTTP_TIMEOUT * 2)
         except subprocess.TimeoutExpired:
             pytest.fail("save did not stop at all")
         took = time.monotonic() - sent
