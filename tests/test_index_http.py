@@ -159,3 +159,25 @@ def test_a_redirect_is_followed_and_credentials_stay_on_their_host(tmp_path: Pat
     assert [p.path for p in index.pages_seen()] == ["/simple/simple/alpha/"]
     assert "authorization" not in index.pages_seen()[0].headers
     assert res.files[0].url.startswith(index.root.replace("127.0.0.1", "localhost"))
+
+
+def test_only_httpclient_speaks_http() -> None:
+    """Issue 13: one HTTP stack. (socket stays allowed: ray.py probes a TCP address.)"""
+    import ast
+
+    import envlock
+
+    speaking = set()
+    for path in Path(envlock.__file__).parent.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                modules = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                # url2pathname (lockfiles.py) turns a file: URL into a path, no network.
+                modules = [] if [a.name for a in node.names] == ["url2pathname"] else [node.module or ""]
+            else:
+                continue
+            if any(m.split(".")[0] in ("urllib3", "requests", "httpx")
+                   or m in ("http.client", "urllib.request") for m in modules):
+                speaking.add(path.name)
+    assert speaking == {"httpclient.py"}
