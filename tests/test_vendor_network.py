@@ -63,3 +63,30 @@ def test_a_download_that_is_refused_says_so_for_each_file(tmp_path: Path) -> Non
         f"{n} 1.0 (could not download: cannot reach {root}/files/{n}-1.0-py3-none-any.whl: "
         "Connection refused)" for n in NAMES[:2])
     assert not list((tmp_path / "home").rglob("*.part"))  # nothing half-downloaded is left
+
+
+@pytest.mark.slow
+def test_save_vendor_with_the_index_unreachable_is_one_short_line(tiny_project: Path, tmp_path: Path) -> None:
+    """The CLI end to end (issue 11: this line was ~3,000 characters, cut only by the CLI)."""
+    import hashlib
+    import os
+    import shutil
+
+    from conftest import run_cli
+
+    folder = tmp_path / "project"
+    shutil.copytree(tiny_project, folder, ignore=shutil.ignore_patterns("*.envlock", "__pycache__"))
+    before = {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.rglob("*") if p.is_file()}
+    url = f"{_refused_root()}/simple"
+    env = {k: "" for k in ("UV_DEFAULT_INDEX", "PIP_INDEX_URL", "UV_EXTRA_INDEX_URL", "UV_INDEX",
+                           "PIP_EXTRA_INDEX_URL") if k in os.environ}
+    env.update({"ENVLOCK_HOME": str(tmp_path / "home"), "UV_INDEX_URL": url, "NO_PROXY": "*"})
+    res = run_cli("save", "model.keras", "--vendor", cwd=folder, env=env)
+    assert res.returncode == 3, res.stderr
+    errors = [line for line in res.stderr.splitlines() if line.startswith("envlock: error:")]
+    assert len(errors) == 1 and "Traceback" not in res.stderr, res.stderr
+    assert errors[0].startswith("envlock: error: could not vendor ") and " more" in errors[0], errors[0]
+    assert f"cannot reach {url}" in errors[0] and len(errors[0]) < 600, errors[0]
+    after = {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.rglob("*") if p.is_file()}
+    assert after == before
+    print("\n" + errors[0])
