@@ -2,8 +2,8 @@
 
 Built on urllib3 (already in every TensorFlow environment, through requests): pooled keep-alive
 connections shared by threads, gzip, redirects, and retries of a refused or failed connection and
-of 429/5xx answers. Read timeouts are not retried, so ``ENVLOCK_HTTP_TIMEOUT`` stays the longest
-a silent server can hold envlock.
+of 429/5xx answers. Timeouts are not retried, so ``ENVLOCK_HTTP_TIMEOUT`` stays the longest a
+silent server can hold a request.
 
 This module also is the one place that knows the package indexes and their credentials: their
 URLs come from :class:`Settings`, credentials from the URL's user-info or ``~/.netrc``, and only
@@ -40,6 +40,7 @@ from urllib3.exceptions import (
     MaxRetryError,
     NameResolutionError,
     NewConnectionError,
+    ProtocolError,
     ProxyError,
     ResponseError,
 )
@@ -58,6 +59,19 @@ _CHUNK = 1 << 20
 
 T = TypeVar("T")
 R = TypeVar("R")
+
+
+class _Retry(Retry):
+    """Retries a refused connection and one the server dropped (a kept-alive one it had
+    closed, say), but no timeout: that would multiply ENVLOCK_HTTP_TIMEOUT."""
+
+    def _is_connection_error(self, err: Exception) -> bool:
+        if isinstance(err, ProxyError) and err.original_error is not None:
+            err = err.original_error
+        return isinstance(err, NewConnectionError)  # urllib3 raises ConnectTimeoutError on timeout
+
+    def _is_read_error(self, err: Exception) -> bool:
+        return isinstance(err, ProtocolError)
 
 
 class HttpFailure(Exception):
@@ -202,7 +216,7 @@ class HttpClient:
         for source in index_sources(settings):
             if source.auth and source.host:
                 self._auth.setdefault(source.host, source.auth)
-        self._retry = Retry(total=RETRIES, connect=RETRIES, read=0, status=RETRIES, other=0,
+        self._retry = _Retry(total=RETRIES, connect=RETRIES, read=RETRIES, status=RETRIES, other=0,
                             redirect=MAX_REDIRECTS, status_forcelist=RETRY_STATUSES,
                             allowed_methods=frozenset({"GET"}), backoff_factor=0.25,
                             raise_on_status=False, respect_retry_after_header=False)

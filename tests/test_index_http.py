@@ -181,3 +181,35 @@ def test_only_httpclient_speaks_http() -> None:
                    or m in ("http.client", "urllib.request") for m in modules):
                 speaking.add(path.name)
     assert speaking == {"httpclient.py"}
+
+
+@pytest.mark.parametrize("listening", [True, False], ids=["read", "connect"])
+def test_a_timeout_is_not_retried(tmp_path: Path, listening: bool) -> None:
+    """ENVLOCK_HTTP_TIMEOUT bounds a look-up: a server that accepts and never answers (a read
+    timeout), and a full accept queue that leaves the handshake unanswered (a connect timeout)."""
+    import socket
+    import time
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(0 if not listening else 16)
+    fillers = []
+    if not listening:  # fill the backlog, so that the next handshake goes unanswered
+        for _ in range(8):
+            c = socket.socket()
+            c.setblocking(False)
+            c.connect_ex(silent.getsockname())
+            fillers.append(c)
+    url = f"http://127.0.0.1:{silent.getsockname()[1]}/simple"
+    s = Settings(home=tmp_path / "home", config_dir=tmp_path / "config", index_url=url,
+                 http_timeout=2.0, environ={"HOME": str(tmp_path)})
+    try:
+        t0 = time.monotonic()
+        res = IndexClient(s).lookup("alpha", "1.0")
+        took = time.monotonic() - t0
+    finally:
+        for c in fillers:
+            c.close()
+        silent.close()
+    assert res.error == f"timed out after 2s reaching {url}" and res.error_kind == "timeout"
+    assert took < 5.5, f"{took:.1f}s: the timeout was retried"  # three tries take 6 s at least
