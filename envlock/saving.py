@@ -29,6 +29,7 @@ from envlock.errors import InputArrayError, MismatchError, WeightsNotRestoredErr
 from envlock.fs import log_dir, preflight_save
 from envlock.gpu import gpu_facts
 from envlock.hostfacts import platform_facts, python_facts
+from envlock.httpclient import in_background
 from envlock.index import IndexClient
 from envlock.lockfiles import build_lock
 from envlock.modelfile import (
@@ -214,7 +215,9 @@ def _lock(path: Path, settings: Settings, options: SaveOptions, workdir: Path, m
         # Checking the archive and hashing it read the whole file: for a big model that is
         # seconds, spent while the worker imports the framework instead of before.
         info_f = pool.submit(inspect_model, path)
-        lookups_f = pool.submit(IndexClient(settings).lookup_many, pins)
+        # Not on the pool: its threads are joined on the way out, and a Ctrl-C must not wait
+        # for pages in flight (up to ENVLOCK_HTTP_TIMEOUT).
+        lookups_f = in_background(IndexClient(settings).lookup_many, pins)
         gpu_f = pool.submit(gpu_facts)
         host = {"python": python_facts(), "platform": platform_facts()}
         code_dir = workdir / "code"

@@ -23,20 +23,16 @@ import contextlib
 import hashlib
 import os
 import secrets
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from packaging.tags import Tag, sys_tags
 
-from envlock import __version__
 from envlock.errors import EnvironmentBuildError
-from envlock.index import DistFile, _Index, _ssl_context
+from envlock.httpclient import HttpClient, HttpFailure, map_on_daemons
+from envlock.index import DistFile
 from envlock.lockfiles import UNLOCKABLE_KINDS, LockedPackage
 from envlock.modelfile import file_sha256
 from envlock.settings import Settings
@@ -89,16 +85,12 @@ def _safe_filename(filename: str) -> str:
 
 
 class _Fetcher:
-    """Content-addressed download cache plus HTTP, with the index client's TLS and credentials."""
+    """Content-addressed download cache plus HTTP, with the index client's TLS and credentials
+    (sent only to the host of the index that has them)."""
 
     def __init__(self, settings: Settings, reuse: Sequence[Path]) -> None:
         self.root = settings.home / WHEELS_DIR
-        self.timeout = max(settings.http_timeout, 60.0)
-        environ: Mapping[str, str] = settings.environ or os.environ
-        self.context = _ssl_context(environ)
-        # Credentials go only to the host of the index that has them (from its URL or ~/.netrc).
-        self.auth = {i.host: i.auth for i in (_Index.parse(u, environ) for u in settings.index_urls)
-                     if i.auth and i.host}
+        self.http = HttpClient(settings, timeout=max(settings.http_timeout, 60.0))
         self.reuse = [Path(p) for p in reuse if Path(p).is_dir()]
 
     def cached(self, f: DistFile) -> Path:
@@ -116,29 +108,22 @@ class _Fetcher:
         return target, "downloaded"
 
     def _download(self, f: DistFile, target: Path) -> None:
-        parts = urlsplit(f.url)
-        if parts.scheme not in ("http", "https"):
+        if not f.url.startswith(("http://", "https://")):
             raise _Failed(f"cannot download {f.url} (not an http(s) URL)")
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.part")
-        headers = {"User-Agent": f"envlock/{__version__}"}
-        auth = self.auth.get(parts.hostname or "")
-        if auth:
-            headers["Authorization"] = auth
-        request = urllib.request.Request(f.url, headers=headers)
-        opener = urllib.request.build_opener(urllib.request.HTTPSHandler(context=self.context))
         h = hashlib.sha256()
         try:
-            with opener.open(request, timeout=self.timeout) as resp, open(tmp, "wb") as out:
-                for block in iter(lambda: resp.read(_CHUNK), b""):
-                    h.update(block)
-                    out.write(block)
+            with open(tmp, "wb") as out:
+                self.http.download(f.url, out, h.update)
             if h.hexdigest() != f.sha256:
                 raise _Failed(f"{f.filename} from {f.url} has sha256 {h.hexdigest()}, the lock says "
                               f"{f.sha256}")
             os.replace(tmp, target)
-        except (urllib.error.URLError, OSError) as exc:
-            raise _Failed(f"could not download {f.url}: {getattr(exc, 'reason', None) or exc}") from exc
+        except HttpFailure as exc:
+            raise _Failed(f"could not download: {exc.describe(f.url)}") from exc
+        except OSError as exc:
+            raise _Failed(f"could not download {f.url}: {exc.strerror or exc}") from exc
         finally:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
@@ -202,17 +187,27 @@ def vendor(packages: Iterable[LockedPackage], dists: Iterable[Mapping[str, Any]]
         return VendoredFile(pkg.name, pkg.version, f.filename, f.sha256, path, source)
 
     files: list[VendoredFile] = []
-    with ThreadPoolExecutor(max_workers=max(1, max_workers), thread_name_prefix="envlock-vendor") as pool:
-        for got in pool.map(fetch, chosen):
+    # Daemon threads: a Ctrl-C while files are in flight is not held up by them.
+    try:
+        for got in map_on_daemons(fetch, chosen, max_workers):
             if isinstance(got, str):
                 failures.append(got)
             else:
                 files.append(got)
+    finally:
+        fetcher.http.close()
     if failures:
         raise EnvironmentBuildError(
-            f"could not vendor {len(failures)} package(s): " + "; ".join(failures),
+            f"could not vendor {len(failures)} package(s): " + _first_few(failures),
             hint="check that the index is reachable (the URLs are in pylock.toml), or save without --vendor")
     return VendorResult(tuple(files), tuple(not_vendored), tuple(warnings))
+
+
+def _first_few(failures: Sequence[str], shown: int = 3) -> str:
+    """The first failures in full, then a count: with the index unreachable every package
+    fails the same way, and one line naming all 60 of them helps nobody."""
+    text = "; ".join(failures[:shown])
+    return text if len(failures) <= shown else f"{text}; and {len(failures) - shown} more"
 
 
 def sidecar_files(result: VendorResult) -> dict[str, Path]:
