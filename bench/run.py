@@ -103,7 +103,7 @@ def make_model(work: Path) -> None:
     import numpy as np
     from layers import Scale
 
-    import envlock.saving
+    import envlock.commands.save
 
     keras.utils.set_random_seed(0)
     rng = np.random.default_rng(0)
@@ -115,7 +115,7 @@ def make_model(work: Path) -> None:
     model = keras.Model(inp, keras.layers.Dense(8, name="prediction")(h))
     model.compile(optimizer="adam", loss="mse")
     model.fit(x, y, epochs=2, batch_size=64, verbose=0)
-    envlock.saving.save(model, work / "model.keras", probe=x[:32])
+    envlock.commands.save.save(model, work / "model.keras", probe=x[:32])
     np.save(work / "small.npy", x)
 
 
@@ -234,10 +234,10 @@ def bench_warm(work: Path, config: Path, repeat: int) -> dict[str, Any]:
 
 def breakdown_warm(work: Path, env: dict[str, str]) -> dict[str, float]:
     """Where a warm run's time goes outside the phases `envlock run --json` reports."""
-    from envlock.arrayfiles import check_input_file
-    from envlock.running import ModelSession
+    from envlock.commands.run import ModelSession
     from envlock.settings import Settings
-    from envlock.sidecar import read_sidecar
+    from envlock.sidecar.arrays import check_input_file
+    from envlock.sidecar.store import read_sidecar
 
     model = work / "model.keras"
 
@@ -247,7 +247,7 @@ def breakdown_warm(work: Path, env: dict[str, str]) -> dict[str, float]:
 
     bare = start("pass")
     # What `envlock run` imports before it starts the worker (numpy: the input header check).
-    imports = start("import envlock.cli, envlock.running, envlock.arrayfiles, rich.progress") - bare
+    imports = start("import envlock.cli, envlock.commands.run, envlock.sidecar.arrays, rich.progress") - bare
     settings = Settings.from_env(env)
     sidecar = timed_in_process(lambda: read_sidecar(model))
     specs = read_sidecar(model).manifest["model"]["inputs"]
@@ -268,9 +268,9 @@ def breakdown_warm(work: Path, env: dict[str, str]) -> dict[str, float]:
 
 
 def bench_build(work: Path, config: Path, repeat: int, pip_repeat: int) -> dict[str, Any]:
-    from envlock.interpreters import find_python
+    from envlock.envs.interpreters import find_python
     from envlock.settings import Settings
-    from envlock.sidecar import read_sidecar
+    from envlock.sidecar.store import read_sidecar
     from envlock.tools.uv import find_uv
 
     model = work / "model.keras"
@@ -338,9 +338,9 @@ def bench_build(work: Path, config: Path, repeat: int, pip_repeat: int) -> dict[
 
 def breakdown_build(work: Path, settings: Any, sc: Any, base: Path, uv: Path) -> dict[str, float]:
     """The parts of a cold `envlock env` that uv's own two commands do not have."""
-    from envlock.envcache import EnvSpec, _tree_size, default_platform_tag
-    from envlock.interpreters import find_python
-    from envlock.sidecar import read_sidecar
+    from envlock.envs.cache import EnvSpec, _tree_size, default_platform_tag
+    from envlock.envs.interpreters import find_python
+    from envlock.sidecar.store import read_sidecar
     from envlock.tools import uv as uv_tool
 
     lock = sc.file("requirements.lock.txt")

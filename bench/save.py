@@ -42,7 +42,7 @@ _FIRST = """
 import os, sys, time
 sys.path[:0] = [{bench!r}, {example!r}]
 import save as bench
-from envlock.saving import prewarm, save
+from envlock.commands.save import prewarm, save
 from envlock.settings import Settings
 if {prewarm!r}:
     prewarm(settings=Settings.from_env({{**os.environ, "ENVLOCK_HOME": {home!r}}}))
@@ -256,7 +256,7 @@ def main() -> int:
     if args.size_mb:
         return big_model(args.size_mb, args.repeat, args.json)
 
-    from envlock.saving import save
+    from envlock.commands.save import save
     from envlock.settings import Settings
 
     model = build_model()

@@ -11,9 +11,9 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # `import envlock` stays cheap: the worker and the CLI import parts of it
     import numpy as np
 
-    from envlock.checking import CheckResult
-    from envlock.results import SaveResult
-    from envlock.running import ModelSession, RunResult
+    from envlock.commands.check import CheckResult
+    from envlock.commands.results import SaveResult
+    from envlock.commands.run import ModelSession, RunResult
     from envlock.settings import Settings
 
 __all__ = ["__version__", "check", "load", "lock", "prewarm", "run", "save"]
@@ -37,9 +37,9 @@ def save(model: Any, path: str | os.PathLike[str], *,
     rebuild needs no index. ``keras_options``: passed to ``model.save`` as keyword arguments.
     Raises an :class:`envlock.errors.EnvlockError` subclass on failure (its ``exit_code`` is the CLI's).
     """
-    from envlock import saving
+    from envlock.commands import save
 
-    return saving.save(model, path, probe=probe, settings=settings, custom_objects=custom_objects,
+    return save.save(model, path, probe=probe, settings=settings, custom_objects=custom_objects,
                        allow_mismatch=allow_mismatch, atol=atol, rtol=rtol, on_stage=on_stage,
                        vendor=vendor, **dict(keras_options or {}))
 
@@ -55,20 +55,20 @@ def lock(path: str | os.PathLike[str], *, probe: str | os.PathLike[str] | None =
     """
     from pathlib import Path
 
-    from envlock import saving
+    from envlock.commands import save
 
-    options = saving.SaveOptions(probe=Path(probe) if probe is not None else None,
+    options = save.SaveOptions(probe=Path(probe) if probe is not None else None,
                                  custom_object_modules=tuple(custom_objects), allow_mismatch=allow_mismatch,
                                  atol=atol, rtol=rtol, seed=seed, vendor=vendor)
-    return saving.lock(path, settings=settings, options=options, on_stage=on_stage)
+    return save.lock(path, settings=settings, options=options, on_stage=on_stage)
 
 
 def prewarm(*, custom_objects: Sequence[str] = (), settings: Settings | None = None) -> None:
     """Start the worker that :func:`save` reloads the model in now, so that the first save of
     this process finds TensorFlow already imported there. Returns at once."""
-    from envlock import saving
+    from envlock.commands import save
 
-    saving.prewarm(custom_objects=custom_objects, settings=settings)
+    save.prewarm(custom_objects=custom_objects, settings=settings)
 
 
 def load(model: str | os.PathLike[str], *, strategy: str = "auto", use_recorded_env: bool = True,
@@ -84,9 +84,9 @@ def load(model: str | os.PathLike[str], *, strategy: str = "auto", use_recorded_
     ``unsafe``: Keras safe_mode off (lambdas). ``timeout``: seconds one worker step may take.
     The session starts on first use or on ``with``; close it, or use it as a context manager.
     """
-    from envlock import running
+    from envlock.commands import run
 
-    return running.load(model, **_session(strategy, use_recorded_env, trust_code, unsafe, timeout,
+    return run.load(model, **_session(strategy, use_recorded_env, trust_code, unsafe, timeout,
                                           allow_python_download, find_links, custom_objects, settings,
                                           on_stage))
 
@@ -102,9 +102,9 @@ def run(model: str | os.PathLike[str], input_path: str | os.PathLike[str], *,
     predict ``input_path`` (.npy, or .npz by input name) into ``output`` (default: beside the
     input). ``on_progress(done, total)`` sees the rows. The session arguments are those of :func:`load`.
     """
-    from envlock import running
+    from envlock.commands import run
 
-    return running.run(model, input_path, output=output, batch_size=batch_size, validate=validate,
+    return run.run(model, input_path, output=output, batch_size=batch_size, validate=validate,
                        on_progress=on_progress,
                        **_session(strategy, use_recorded_env, trust_code, unsafe, timeout,
                                   allow_python_download, find_links, custom_objects, settings, on_stage))
@@ -121,9 +121,9 @@ def check(model: str | os.PathLike[str], *, atol: float | None = None, rtol: flo
     whether the predictions match; ``findings`` rank the likely causes of a difference.
     The session arguments are those of :func:`load`.
     """
-    from envlock import checking
+    from envlock.commands import check
 
-    return checking.check(model, atol=atol, rtol=rtol,
+    return check.check(model, atol=atol, rtol=rtol,
                           **_session(strategy, use_recorded_env, trust_code, unsafe, timeout,
                                      allow_python_download, find_links, custom_objects, settings, on_stage))
 

@@ -170,10 +170,10 @@ def preflight_save(model: Path, probe: Path | None) -> None:
     """What `envlock save` can check before a minute of work: the probe can be read (and its
     header is sound), and the sidecar's folder can be written (the sidecar is built beside it
     and renamed into place)."""
-    from envlock.modelfile import sidecar_path
+    from envlock.facts.modelfile import sidecar_path
 
     if probe is not None:
-        from envlock.arrayfiles import read_headers
+        from envlock.sidecar.arrays import read_headers
 
         read_headers(probe, what="probe")
     target = sidecar_path(model)

@@ -11,7 +11,7 @@ the worker as files in a node-local folder, which it memory-maps: no pickle, no 
 
 ``envlock run MODEL --input SHARDS --output OUTDIR --ray [ADDRESS]`` predicts whole shards
 (the same bits as a single-machine run of each) through ``ShardPredictor`` actors; the driver's
-side (connection, pool, written shards) is ``envlock.raydriver``.
+side (connection, pool, written shards) is ``envlock.commands.raydriver``.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from envlock.commands.shards import ShardWorker, inspect_shard, node_facts, output_name
 from envlock.errors import (
     BadInputError,
     EnvironmentBuildError,
@@ -33,7 +34,6 @@ from envlock.errors import (
     MismatchError,
     WorkerError,
 )
-from envlock.shards import ShardWorker, inspect_shard, node_facts, output_name
 
 if TYPE_CHECKING:
     import numpy as np
@@ -72,7 +72,7 @@ def _actor_options(options: Mapping[str, Any]) -> dict[str, Any]:
 
 def _open_worker(model: str, options: Mapping[str, Any], *, validate: bool, batch_size: int,
                  on_build_event: Callable[[Any], None] | None = None) -> ShardWorker:
-    from envlock.running import ModelSession
+    from envlock.commands.run import ModelSession
 
     session = ModelSession(model, **_actor_options(options), on_build_event=on_build_event)
     worker = ShardWorker(session, validate=validate, batch_size=batch_size, node_id=_node_id())
@@ -107,7 +107,7 @@ class Predictor:
     def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         import numpy as np
 
-        from envlock.arrayfiles import check_input_file, save_npz
+        from envlock.sidecar.arrays import check_input_file, save_npz
 
         session = self._worker.session
         names = [s["name"] for s in session.specs]

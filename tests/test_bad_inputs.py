@@ -30,9 +30,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from envlock.manifest import load_schema, schema_names
 from envlock.settings import VARIABLES
-from envlock.sidecar import MANIFEST, read_sidecar, write_sidecar
+from envlock.sidecar.manifest import load_schema, schema_names
+from envlock.sidecar.store import MANIFEST, read_sidecar, write_sidecar
 
 jsonschema = pytest.importorskip("jsonschema")
 
@@ -237,7 +237,7 @@ def _latin1_lock(files: dict[str, bytes | Path]) -> None:
 
 def _outside_file(w: Path) -> None:
     """A manifest (with a matching integrity record) that lists a file outside its folder."""
-    from envlock.sidecar import _self_hash, canonical_json
+    from envlock.sidecar.store import _self_hash, canonical_json
 
     (w / "outside.txt").write_text("x\n")
     path = w / SIDECAR / MANIFEST
@@ -742,8 +742,8 @@ def test_an_unreachable_index_is_not_a_deleted_version(installer: str, problem: 
                                                         http_503: str) -> None:
     import platform
 
-    from envlock.envcache import EnvCache
-    from envlock.envkey import EnvSpec
+    from envlock.envs.cache import EnvCache
+    from envlock.envs.key import EnvSpec
     from envlock.errors import NetworkError
     from envlock.settings import Settings
 
@@ -768,8 +768,8 @@ def test_an_index_that_never_answers_is_a_timeout(installer: str, tmp_path: Path
     import platform
     import socket
 
-    from envlock.envcache import EnvCache
-    from envlock.envkey import EnvSpec
+    from envlock.envs.cache import EnvCache
+    from envlock.envs.key import EnvSpec
     from envlock.errors import NetworkError
     from envlock.settings import Settings
 
@@ -796,8 +796,8 @@ def test_an_index_that_never_answers_is_a_timeout(installer: str, tmp_path: Path
 def test_a_hash_mismatch_names_the_package(installer: str, tmp_path: Path) -> None:
     import platform
 
-    from envlock.envcache import EnvCache
-    from envlock.envkey import EnvSpec
+    from envlock.envs.cache import EnvCache
+    from envlock.envs.key import EnvSpec
     from envlock.errors import EnvironmentBuildError
     from envlock.settings import Settings
 
@@ -828,7 +828,7 @@ def _json_cli(args: list[str], cwd: Path, home: Path) -> tuple[int, dict[str, An
 
 @pytest.mark.slow
 def test_json_of_every_command_validates(source: Source, tmp_path: Path, envlock_home: Path) -> None:
-    from envlock.manifest import validate
+    from envlock.sidecar.manifest import validate
 
     w = tmp_path / "w"
     _populate(w, source)

@@ -32,7 +32,7 @@ import pytest
 from conftest import PROJECTS, CliResult, requires_tf
 from test_gpu import make_fake_nvidia_smi
 
-from envlock.hostfacts import parse_cpuinfo
+from envlock.facts.host import parse_cpuinfo
 
 pytestmark = [requires_tf, pytest.mark.skipif(
     not sys.platform.startswith("linux"), reason="Linux venv layout, /proc/cpuinfo, a POSIX fake nvidia-smi")]
@@ -176,7 +176,7 @@ def test_identical_where_it_was_saved_and_diff_shows_nothing(saved_tiny: Path) -
 @pytest.mark.slow
 def test_identical_ten_times_in_a_row(saved_tiny: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """No flaky finding: ten checks (each with its two workers) find nothing at all."""
-    from envlock.checking import check
+    from envlock.commands.check import check
 
     monkeypatch.chdir(saved_tiny.parent)
     t0 = time.perf_counter()
@@ -468,7 +468,7 @@ def test_gpu_and_cuda_differ(project: Path, tmp_path: Path, monkeypatch: pytest.
     # So where the CPU differs as well, the CPU is the likelier cause and ranks first.
     use_recorded_cpu(monkeypatch)
     monkeypatch.chdir(project.parent)
-    from envlock.checking import check
+    from envlock.commands.check import check
 
     both = check(project, strategy="current").to_json()
     assert causes(both) == ["cpu_differs", "gpu_differs", "cuda_differs"]
@@ -476,13 +476,13 @@ def test_gpu_and_cuda_differ(project: Path, tmp_path: Path, monkeypatch: pytest.
 
 def use_recorded_cpu(monkeypatch: pytest.MonkeyPatch) -> Path:
     """check() reads the target's CPU from a recorded /proc/cpuinfo of a CPU that is not this one."""
-    import envlock.checking
-    from envlock.hostfacts import platform_facts
+    import envlock.commands.check
+    from envlock.facts.host import platform_facts
 
     here = parse_cpuinfo(Path("/proc/cpuinfo").read_text())["model"]
     recording = next(p for p in sorted((DATA / "cpuinfo").glob("x86_64-*.cpuinfo"))
                      if parse_cpuinfo(p.read_text())["model"] != here)
-    monkeypatch.setattr(envlock.checking, "platform_facts",
+    monkeypatch.setattr(envlock.commands.check, "platform_facts",
                         functools.partial(platform_facts, cpuinfo_path=recording))
     return recording
 
@@ -490,7 +490,7 @@ def use_recorded_cpu(monkeypatch: pytest.MonkeyPatch) -> Path:
 def test_cpu_differs(project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The target's CPU facts read from a recorded /proc/cpuinfo of another CPU (there is one CPU
     here): check, in process, against the facts recorded by a real save on this machine."""
-    from envlock.checking import check
+    from envlock.commands.check import check
 
     here = parse_cpuinfo(Path("/proc/cpuinfo").read_text())["model"]
     recording = use_recorded_cpu(monkeypatch)

@@ -45,12 +45,12 @@ from conftest import PROJECTS, run_cli
 from rattler.explicit_environment import ExplicitEnvironmentSpec
 from rattler.index import index_fs
 
-from envlock import condalock, condarender
-from envlock.condaenv import CondaSpec, installed_records, pip_requirements, records_differ
-from envlock.condalock import CondaLock, CondaPackage, PipPackage
-from envlock.condayaml import dump_yaml, load_yaml
+from envlock.envs.conda import CondaSpec, installed_records, pip_requirements, records_differ
 from envlock.errors import EXIT_BAD_INPUT, EXIT_ENVIRONMENT, SidecarError, ToolNotFoundError
-from envlock.sidecar import MANIFEST, read_sidecar, write_sidecar
+from envlock.locking import condalock, condarender
+from envlock.locking.condalock import CondaLock, CondaPackage, PipPackage
+from envlock.locking.condayaml import dump_yaml, load_yaml
+from envlock.sidecar.store import MANIFEST, read_sidecar, write_sidecar
 from envlock.tools import conda as conda_tool
 from envlock.tools.uv import find_uv
 
@@ -451,7 +451,7 @@ def _record_view(prefix: Path) -> dict[str, dict[str, Any]]:
 
 
 def _pip_inventory(python: Path) -> dict[str, str]:
-    from envlock.inventory import inventory
+    from envlock.envs.inventory import inventory
 
     return inventory(python)
 

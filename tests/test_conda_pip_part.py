@@ -1,7 +1,7 @@
 """The conda lock's pip part and `save --vendor` name the same file of each distribution.
 
-Both go through :func:`envlock.wheels.choose_file`; this pins it from the outside: the real
-``vendoring.vendor`` (its files served from a ``reuse`` folder, no network) and the real
+Both go through :func:`envlock.locking.wheels.choose_file`; this pins it from the outside: the real
+``vendor.vendor`` (its files served from a ``reuse`` folder, no network) and the real
 ``condalock.capture`` (on a prefix whose pip-installed distributions carry ``WHEEL`` files),
 given the same packages and tags, must agree, including where two wheels share a tag (which a
 "any shared tag" rule once resolved differently) and where no wheel matches the installed tags.
@@ -14,9 +14,9 @@ from pathlib import Path
 
 from packaging.tags import Tag
 
-from envlock import condalock, vendoring
-from envlock.index import DistFile
-from envlock.lockfiles import LockedPackage
+from envlock.index.lookup import DistFile
+from envlock.locking import condalock, vendor
+from envlock.locking.lockfiles import LockedPackage
 from envlock.settings import Settings
 
 LINUX = Tag("cp310", "cp310", "manylinux_2_17_x86_64")
@@ -61,7 +61,7 @@ def test_vendored_wheel_and_conda_pip_part_choose_the_same_file(tmp_path: Path) 
     settings = Settings(home=tmp_path / "home", config_dir=tmp_path / "config",
                         index_url="https://example.invalid/simple", environ={"HOME": str(tmp_path)})
 
-    vendored = vendoring.vendor(packages, dists, settings, reuse=[served], supported=SUPPORTED)
+    vendored = vendor.vendor(packages, dists, settings, reuse=[served], supported=SUPPORTED)
     captured = condalock.capture(prefix, dists, packages, platform="linux-64", supported=SUPPORTED)
 
     assert {f.source for f in vendored.files} == {"reused"}  # nothing came from the network

@@ -378,7 +378,7 @@ import sys
 
 import envlock
 import helpers_two as h2
-from envlock.customcode import capture_main
+from envlock.sidecar.customcode import capture_main
 from helpers_one import *
 
 RATE = 3.0

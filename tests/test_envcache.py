@@ -24,12 +24,12 @@ from pathlib import Path
 import filelock
 import pytest
 
-from envlock.envbuild import BuildEvent
-from envlock.envcache import MARKER, EnvCache
-from envlock.envkey import EnvSpec, canonical_lock, lock_key
+from envlock.envs.build import BuildEvent
+from envlock.envs.cache import MARKER, EnvCache
+from envlock.envs.inventory import compare_inventory, inventory, satisfies
+from envlock.envs.key import EnvSpec, canonical_lock, lock_key
 from envlock.errors import CommandError
-from envlock.inventory import compare_inventory, inventory, satisfies
-from envlock.reqfile import all_hashed, locked_pins
+from envlock.locking.reqfile import all_hashed, locked_pins
 from envlock.settings import Settings
 
 DATA = Path(__file__).resolve().parent / "data"
@@ -289,8 +289,8 @@ def test_an_environment_whose_base_interpreter_is_gone_is_rebuilt(cache: EnvCach
 CHILD = textwrap.dedent("""\
     import json, sys, time
     from pathlib import Path
-    from envlock.envcache import EnvCache
-    from envlock.envkey import EnvSpec
+    from envlock.envs.cache import EnvCache
+    from envlock.envs.key import EnvSpec
     from envlock.settings import Settings
 
     lock, python, links, go = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]

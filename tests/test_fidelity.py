@@ -37,7 +37,7 @@ from test_check import (
 from test_gpu import make_fake_nvidia_smi
 from test_legacy import Stack, train_and_save
 
-from envlock.compare import compare_outputs
+from envlock.diagnosis.compare import compare_outputs
 
 pytestmark = [requires_tf, pytest.mark.skipif(not sys.platform.startswith("linux"),
                                              reason="Linux venv layout, a POSIX fake nvidia-smi")]
@@ -613,7 +613,7 @@ def test_jax_env_unchanged_ten_times_and_backend_missing_elsewhere(jax_saved: tu
     assert m["framework"]["backend"] == "jax" and m["determinism"]["env"]["KERAS_BACKEND"] == "jax"
     assert "tensorflow" not in (m["framework"].get("versions") or {})
     # Ten checks in the jax environment itself: identical, no finding (no threads_differ).
-    out = python_in(model.parent, "import json, envlock.checking as c\n"
+    out = python_in(model.parent, "import json, envlock.commands.check as c\n"
                     "docs = [c.check('model.keras', strategy='current').to_json() for _ in range(10)]\n"
                     "print(json.dumps([(d['status'], d['findings'], d['notes']) for d in docs]))\n",
                     python=py, env={"KERAS_BACKEND": "jax"})
@@ -671,7 +671,7 @@ def test_keras2_env_unchanged_ten_times(tf215: Stack, tmp_path: Path) -> None:
     checked there ten times: identical, no finding, no note."""
     saved = train_and_save(tf215, tmp_path / "legacy", "model.h5")
     out = tf215.run(tf215.python, "-c",
-                    "import json, envlock.checking as c\n"
+                    "import json, envlock.commands.check as c\n"
                     "docs = [c.check('model.h5', strategy='current').to_json() for _ in range(10)]\n"
                     "print(json.dumps([(d['status'], d['findings'], d['notes']) for d in docs]))\n",
                     cwd=saved.model.parent).stdout

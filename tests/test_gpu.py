@@ -18,8 +18,8 @@ from typing import Any
 
 import pytest
 
-from envlock import gpu
 from envlock.errors import CommandError, ToolNotFoundError
+from envlock.facts import gpu
 from envlock.tools import nvidia_smi as smi
 
 DATA = Path(__file__).parent / "data" / "gpu"

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from envlock import hostfacts
+from envlock.facts import host
 
 DATA = Path(__file__).parent / "data" / "cpuinfo"
 
@@ -28,7 +28,7 @@ def recorded(name: str) -> str:
 
 
 def test_python_facts_describe_this_interpreter() -> None:
-    facts = hostfacts.python_facts()
+    facts = host.python_facts()
     assert set(facts) == {"version", "implementation", "abi", "abiflags", "cache_tag", "executable",
                           "prefix", "base_prefix", "is_venv", "is_conda", "hash_randomization"}
     assert facts["version"] == platform.python_version()
@@ -47,7 +47,7 @@ def test_python_facts_describe_this_interpreter() -> None:
 def test_python_facts_in_the_dev_venv() -> None:
     if sys.prefix == sys.base_prefix:
         pytest.skip("tests not run from a virtual environment")
-    facts = hostfacts.python_facts()
+    facts = host.python_facts()
     assert facts["is_venv"] is True
     assert facts["is_conda"] is False
 
@@ -66,7 +66,7 @@ def _first(path: Path, key: str) -> str | None:
 
 @pytest.mark.skipif(not Path("/proc/cpuinfo").is_file(), reason="no /proc/cpuinfo here")
 def test_platform_facts_reads_this_machine() -> None:
-    facts = hostfacts.platform_facts()
+    facts = host.platform_facts()
     assert facts["os"] == platform.system().lower() == "linux"
     assert facts["release"] == platform.release()
     assert facts["machine"] == platform.machine()
@@ -96,13 +96,13 @@ def test_platform_facts_reads_this_machine() -> None:
 def test_platform_facts_on_x86_64_linux_names_avx() -> None:
     if platform.machine() != "x86_64" or not Path("/proc/cpuinfo").is_file():
         pytest.skip("x86_64 Linux only")
-    cpu = hostfacts.platform_facts()["cpu"]
+    cpu = host.platform_facts()["cpu"]
     # Every x86-64 CPU TensorFlow 2.x wheels run on has AVX.
     assert "avx" in cpu["numeric_flags"]
 
 
 def test_platform_facts_never_raise_without_cpuinfo(tmp_path: Path) -> None:
-    facts = hostfacts.platform_facts(cpuinfo_path=tmp_path / "missing")
+    facts = host.platform_facts(cpuinfo_path=tmp_path / "missing")
     if facts["os"] == "linux":
         cpu = facts["cpu"]
         assert cpu["model"] is None and cpu["flags"] is None and cpu["numeric_flags"] is None
@@ -111,7 +111,7 @@ def test_platform_facts_never_raise_without_cpuinfo(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(platform.system() != "Linux", reason="reads cpuinfo only on Linux")
 def test_platform_facts_read_the_given_cpuinfo_file() -> None:
-    cpu = hostfacts.platform_facts(cpuinfo_path=DATA / "x86_64-intel-xeon-6972p.cpuinfo")["cpu"]
+    cpu = host.platform_facts(cpuinfo_path=DATA / "x86_64-intel-xeon-6972p.cpuinfo")["cpu"]
     assert cpu["model"] == "Intel(R) Xeon(R) 6972P"
     assert "amx_bf16" in cpu["numeric_flags"]
 
@@ -121,7 +121,7 @@ def test_platform_facts_read_the_given_cpuinfo_file() -> None:
 
 
 def test_parse_intel_with_avx512_and_amx() -> None:
-    cpu = hostfacts.parse_cpuinfo(recorded("x86_64-intel-xeon-6972p.cpuinfo"))
+    cpu = host.parse_cpuinfo(recorded("x86_64-intel-xeon-6972p.cpuinfo"))
     assert cpu["model"] == "Intel(R) Xeon(R) 6972P"
     assert cpu["vendor"] == "GenuineIntel"
     assert cpu["processors"] == 1
@@ -136,7 +136,7 @@ def test_parse_intel_with_avx512_and_amx() -> None:
 
 
 def test_parse_amd_epyc_in_a_container() -> None:
-    cpu = hostfacts.parse_cpuinfo(recorded("x86_64-amd-epyc-9754-lxc.cpuinfo"))
+    cpu = host.parse_cpuinfo(recorded("x86_64-amd-epyc-9754-lxc.cpuinfo"))
     assert cpu["model"] == "AMD EPYC 9754 128-Core Processor"
     assert cpu["vendor"] == "AuthenticAMD"
     assert cpu["processors"] == 8
@@ -149,7 +149,7 @@ def test_parse_amd_epyc_in_a_container() -> None:
 
 
 def test_parse_graviton2_without_a_model_name() -> None:
-    cpu = hostfacts.parse_cpuinfo(recorded("aarch64-graviton2.cpuinfo"))
+    cpu = host.parse_cpuinfo(recorded("aarch64-graviton2.cpuinfo"))
     assert cpu["model"] == "Neoverse-N1"
     assert cpu["vendor"] == "ARM"
     assert cpu["processors"] == 1
@@ -160,11 +160,11 @@ def test_parse_graviton2_without_a_model_name() -> None:
 
 
 def test_parse_ampere_and_neoverse_v3ae() -> None:
-    ampere = hostfacts.parse_cpuinfo(recorded("aarch64-ampere1a.cpuinfo"))
+    ampere = host.parse_cpuinfo(recorded("aarch64-ampere1a.cpuinfo"))
     assert (ampere["vendor"], ampere["model"]) == ("Ampere", "Ampere-1a")
     assert {"bf16", "i8mm"} <= set(ampere["numeric_flags"])
     assert "sve" not in ampere["flags"]
-    v3 = hostfacts.parse_cpuinfo(recorded("aarch64-neoverse-v3ae.cpuinfo"))
+    v3 = host.parse_cpuinfo(recorded("aarch64-neoverse-v3ae.cpuinfo"))
     assert (v3["vendor"], v3["model"]) == ("ARM", "Neoverse-V3AE")
     assert {"sve", "sve2", "svebf16", "svei8mm", "bf16", "i8mm"} <= set(v3["numeric_flags"])
 
@@ -175,13 +175,13 @@ def test_parse_flags_common_to_every_processor() -> None:
     text = recorded("x86_64-amd-epyc-9754-lxc.cpuinfo")
     blocks = text.split("\n\n")
     second = blocks[1].replace(" avx512f ", " ")
-    cpu = hostfacts.parse_cpuinfo(blocks[0] + "\n\n" + second)
+    cpu = host.parse_cpuinfo(blocks[0] + "\n\n" + second)
     assert "avx512f" not in cpu["flags"] and "avx512dq" in cpu["flags"]
 
 
 def test_parse_empty_or_garbage_is_all_none() -> None:
     for text in ("", "\n\n", "no colon here\n"):
-        cpu = hostfacts.parse_cpuinfo(text)
+        cpu = host.parse_cpuinfo(text)
         assert cpu["model"] is None and cpu["vendor"] is None and cpu["flags"] == []
         assert cpu["processors"] is None
 
@@ -191,7 +191,7 @@ def test_parse_empty_or_garbage_is_all_none() -> None:
 
 
 def test_sysctl_apple_silicon() -> None:
-    cpu = hostfacts.cpu_from_sysctl(hostfacts.parse_sysctl(recorded("darwin-arm64-m4-max.sysctl")))
+    cpu = host.cpu_from_sysctl(host.parse_sysctl(recorded("darwin-arm64-m4-max.sysctl")))
     assert cpu["model"] == "Apple M4 Max"
     assert cpu["vendor"] == "Apple"
     assert cpu["processors"] == 16
@@ -202,7 +202,7 @@ def test_sysctl_apple_silicon() -> None:
 
 
 def test_sysctl_intel_mac() -> None:
-    cpu = hostfacts.cpu_from_sysctl(hostfacts.parse_sysctl(recorded("darwin-x86_64-i7-6700k.sysctl")))
+    cpu = host.cpu_from_sysctl(host.parse_sysctl(recorded("darwin-x86_64-i7-6700k.sysctl")))
     assert cpu["model"] == "Intel(R) Core(TM) i7-6700K CPU @ 4.00GHz"
     assert cpu["vendor"] == "GenuineIntel"
     assert cpu["numeric_flags"] == ["avx", "avx2", "f16c", "fma", "sse4_1", "sse4_2"]
@@ -220,7 +220,7 @@ exit 1
 """
     exe.write_text(script, encoding="utf-8")
     exe.chmod(exe.stat().st_mode | stat.S_IXUSR)
-    cpu = hostfacts.macos_cpu_facts(exe)
+    cpu = host.macos_cpu_facts(exe)
     assert cpu is not None and cpu["model"] == "Apple M4 Max"
     assert "machdep.cpu.brand_string" in (tmp_path / "args").read_text()
-    assert hostfacts.macos_cpu_facts(tmp_path / "missing-sysctl") is None
+    assert host.macos_cpu_facts(tmp_path / "missing-sysctl") is None

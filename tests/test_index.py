@@ -1,4 +1,4 @@
-"""envlock.index against a real local index server, then against the real PyPI."""
+"""envlock.index.lookup against a real local index server, then against the real PyPI."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from conftest import load_localindex
 
-from envlock._worker.inventory import installed
-from envlock.index import DistFile, IndexClient, LookupResult, redact_url
+from envlock.index.lookup import DistFile, IndexClient, LookupResult, redact_url
 from envlock.settings import Settings
+from envlock.worker.payload.inventory import installed
 
 li = load_localindex()
 
@@ -151,7 +151,7 @@ def test_etag_revalidation_when_a_version_is_not_cached(tmp_path: Path, seen: li
 CONCURRENT = """
 import json, sys
 from pathlib import Path
-from envlock.index import IndexClient
+from envlock.index.lookup import IndexClient
 from envlock.settings import Settings
 home, url = Path(sys.argv[1]), sys.argv[2]
 s = Settings(home=home, config_dir=home / "c", index_url=url, environ={"HOME": str(home)})

@@ -1,4 +1,4 @@
-"""envlock.httpclient through the index client: proxies and no_proxy, retries, redirects.
+"""envlock.index.client through the index client: proxies and no_proxy, retries, redirects.
 
 Real servers on 127.0.0.1: the local index of tests/data/index, a forwarding HTTP proxy that
 answers 503 to the first request for each path, and a server that only redirects.
@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 import pytest
 from conftest import load_localindex
 
-from envlock.index import IndexClient
+from envlock.index.lookup import IndexClient
 from envlock.settings import Settings
 
 li = load_localindex()
@@ -179,8 +179,8 @@ def test_only_httpclient_speaks_http() -> None:
                 continue
             if any(m.split(".")[0] in ("urllib3", "requests", "httpx")
                    or m in ("http.client", "urllib.request") for m in modules):
-                speaking.add(path.name)
-    assert speaking == {"httpclient.py"}
+                speaking.add(path.relative_to(Path(envlock.__file__).parent).as_posix())
+    assert speaking == {"index/client.py"}
 
 
 @pytest.mark.parametrize("listening", [True, False], ids=["read", "connect"])

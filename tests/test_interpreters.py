@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from envlock.envs.interpreters import Interpreter, find_python
 from envlock.errors import EnvironmentBuildError, InterpreterNotFoundError
-from envlock.interpreters import Interpreter, find_python
 from envlock.settings import Settings
 
 PYENV_ROOT = Path(os.environ.get("PYENV_ROOT") or Path.home() / ".pyenv")

@@ -32,9 +32,9 @@ import pytest
 from conftest import PROJECTS, requires_tf, run_cli
 from test_vendor_export import check_dockerfile
 
-from envlock.exporting import export
-from envlock.inventory import compare_inventory, inventory
-from envlock.reqfile import locked_pins, read_requirements
+from envlock.commands.export import export
+from envlock.envs.inventory import compare_inventory, inventory
+from envlock.locking.reqfile import locked_pins, read_requirements
 from envlock.tools.uv import find_uv
 
 pytestmark = [pytest.mark.slow, requires_tf]

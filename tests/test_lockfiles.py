@@ -16,12 +16,12 @@ from conftest import load_localindex
 from packaging.pylock import Pylock, PylockValidationError
 from packaging.utils import canonicalize_name
 
-from envlock._worker import inventory
-from envlock._worker.inventory import installed
-from envlock.index import DistFile, IndexClient, LookupResult
-from envlock.lockfiles import LockedPackage, build_lock, render_pylock, render_requirements
-from envlock.reqfile import read_requirements
+from envlock.index.lookup import DistFile, IndexClient, LookupResult
+from envlock.locking.lockfiles import LockedPackage, build_lock, render_pylock, render_requirements
+from envlock.locking.reqfile import read_requirements
 from envlock.settings import Settings
+from envlock.worker.payload import inventory
+from envlock.worker.payload.inventory import installed
 
 if sys.version_info >= (3, 11):
     import tomllib

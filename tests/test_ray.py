@@ -252,7 +252,7 @@ def test_bad_shards_exit_2_with_one_line_and_write_nothing(
 STATUS_DRIVER = """\
 import json, sys
 from pathlib import Path
-from envlock.raydriver import run_shards_on_ray
+from envlock.commands.raydriver import run_shards_on_ray
 
 address, model, shards, out = sys.argv[1:5]
 seen = []

@@ -526,7 +526,7 @@ def test_multi_input_model_dict_in_dict_out(tmp_path: Path) -> None:
 
 
 def test_outputs_sharing_a_name_get_unique_stable_keys() -> None:
-    from envlock._worker.model import unique_names
+    from envlock.worker.payload.model import unique_names
 
     assert unique_names(["o_net", "o_net", "o_net"]) == ["o_net", "o_net_1", "o_net_2"]
     # A name the model already uses is skipped, and the first of each name keeps it.
@@ -535,7 +535,7 @@ def test_outputs_sharing_a_name_get_unique_stable_keys() -> None:
 
 
 def test_run_says_which_outputs_a_sampling_model_does_not_reproduce() -> None:
-    from envlock.running import NOT_COMPARABLE, Validation, reproducibility_note, sampled_outputs
+    from envlock.commands.run import NOT_COMPARABLE, Validation, reproducibility_note, sampled_outputs
 
     outputs = [{"name": n} for n in ("z_mean", "z_log_var", "z")]
     m = {"probe": {"repeat_bitwise_equal": False, "varying_outputs": ["z"], "outputs": outputs}}

@@ -277,7 +277,7 @@ def test_weights_not_restored_fails_naming_the_layer(tiny_project: Path, tmp_pat
 API_SCRIPT = r'''
 import json, sys
 import keras, numpy as np
-import envlock.saving as es
+import envlock.commands.save as es
 import tinylayers
 
 @keras.saving.register_keras_serializable(package="script")
@@ -387,7 +387,7 @@ PREWARM_SCRIPT = r'''
 import json
 import keras, numpy as np
 import envlock
-import envlock.reloader as es
+import envlock.commands.reloader as es
 import tinylayers
 
 envlock.prewarm()
@@ -467,7 +467,7 @@ def test_same_shaped_variables_restored_swapped_fail_save(tmp_path: Path) -> Non
 
 
 def test_stored_arrays_are_matched_layer_by_layer_in_order() -> None:
-    from envlock._worker.fingerprint import compare_with_stored
+    from envlock.worker.payload.fingerprint import compare_with_stored
 
     def stored(*groups: tuple[str, list[str]]) -> list[dict[str, object]]:
         return [{"layer": g, "group": g, "index": i, "sha256": s}
@@ -492,7 +492,7 @@ def test_stored_arrays_are_matched_layer_by_layer_in_order() -> None:
 
 
 def test_string_arrays_hash_by_content_not_by_address() -> None:
-    from envlock._worker.fingerprint import array_sha256
+    from envlock.worker.payload.fingerprint import array_sha256
 
     words = ["fixed", "normal", "reversible"]
     a = np.array([w for w in words], dtype=object)

@@ -24,17 +24,17 @@ import pytest
 from conftest import run_cli
 from packaging.tags import Tag, sys_tags
 
-from envlock import vendoring, wheels
-from envlock.envcache import EnvCache
-from envlock.envkey import EnvSpec
+from envlock.commands.export import FORMATS, export
+from envlock.envs.cache import EnvCache
+from envlock.envs.inventory import inventory
+from envlock.envs.key import EnvSpec
 from envlock.errors import BadInputError, EnvironmentBuildError
-from envlock.exporting import FORMATS, export
-from envlock.index import DistFile, IndexClient
-from envlock.inventory import inventory
-from envlock.lockfiles import LockedPackage
-from envlock.reqfile import locked_pins, read_requirements
+from envlock.index.lookup import DistFile, IndexClient
+from envlock.locking import vendor, wheels
+from envlock.locking.lockfiles import LockedPackage
+from envlock.locking.reqfile import locked_pins, read_requirements
 from envlock.settings import Settings
-from envlock.sidecar import write_sidecar
+from envlock.sidecar.store import write_sidecar
 
 DATA = Path(__file__).resolve().parent / "data" / "index"
 PY = platform.python_version()
@@ -77,7 +77,7 @@ def _settings(tmp_path: Path, url: str) -> Settings:
 
 
 def _sha(path: Path) -> str:
-    return vendoring.file_sha256(path)
+    return vendor.file_sha256(path)
 
 
 def _lock_line(name: str, version: str, *hashes: str) -> str:
@@ -170,7 +170,7 @@ def test_vendor_downloads_checks_and_caches(tmp_path: Path, index: Any) -> None:
     pkgs = _locked(settings, ("alpha", "1.0"), ("beta", "2.0"))
     editable = LockedPackage("mine", "0.1", "editable", (), None, {"url": "file:///src"}, (), ())
     index.reset()
-    first = vendoring.vendor([*pkgs, editable], [], settings)
+    first = vendor.vendor([*pkgs, editable], [], settings)
     assert sorted(f.filename for f in first.files) == ["alpha-1.0-py3-none-any.whl",
                                                        "beta-2.0-py3-none-any.whl"]
     assert {f.source for f in first.files} == {"downloaded"}
@@ -181,9 +181,9 @@ def test_vendor_downloads_checks_and_caches(tmp_path: Path, index: Any) -> None:
     assert len([r for r in index.requests if r.path.startswith("/files/")]) == 2
     # The editable install is not in requirements.lock.txt: nothing to vendor, not a gap.
     index.reset()
-    again = vendoring.vendor(pkgs, [], settings)
+    again = vendor.vendor(pkgs, [], settings)
     assert {f.source for f in again.files} == {"cache"} and index.requests == []
-    assert vendoring.sidecar_files(again) == {f"wheels/{f.filename}": f.path for f in again.files}
+    assert vendor.sidecar_files(again) == {f"wheels/{f.filename}": f.path for f in again.files}
 
 
 def test_vendor_reuses_a_previous_wheels_folder(tmp_path: Path, index: Any) -> None:
@@ -194,7 +194,7 @@ def test_vendor_reuses_a_previous_wheels_folder(tmp_path: Path, index: Any) -> N
     src = Path(index.files["alpha-1.0-py3-none-any.whl"])
     (previous / src.name).write_bytes(src.read_bytes())
     index.reset()
-    got = vendoring.vendor(pkgs, [], settings, reuse=[previous])
+    got = vendor.vendor(pkgs, [], settings, reuse=[previous])
     assert [f.source for f in got.files] == ["reused"] and index.requests == []
 
 
@@ -202,7 +202,7 @@ def test_vendor_refuses_a_file_whose_hash_differs(tmp_path: Path, index: Any) ->
     settings = _settings(tmp_path, index.url("tampered"))
     pkgs = _locked(settings, ("alpha", "1.0"))
     with pytest.raises(EnvironmentBuildError, match=r"alpha 1\.0 .*sha256") as err:
-        vendoring.vendor(pkgs, [], settings)
+        vendor.vendor(pkgs, [], settings)
     assert "could not vendor 1 package" in str(err.value)
     assert not list((tmp_path / "home").rglob("*.whl"))  # nothing unchecked is kept
 
@@ -211,7 +211,7 @@ def test_vendor_names_packages_without_files(tmp_path: Path, index: Any) -> None
     settings = _settings(tmp_path, index.url("simple"))
     gone = LockedPackage("gamma", "3.0", "index", (), None, None, (), (), error="not found on the index")
     with pytest.raises(EnvironmentBuildError, match=r"gamma 3\.0 \(not found on the index\)"):
-        vendoring.vendor([*_locked(settings, ("alpha", "1.0")), gone], [], settings)
+        vendor.vendor([*_locked(settings, ("alpha", "1.0")), gone], [], settings)
 
 
 # --- rebuilds: from wheels/ with no index, a version gone from the index, yanked pins --------

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from envlock import vendoring
 from envlock.errors import EnvironmentBuildError
-from envlock.index import DistFile, IndexClient
-from envlock.lockfiles import LockedPackage
+from envlock.index.lookup import DistFile, IndexClient
+from envlock.locking import vendor
+from envlock.locking.lockfiles import LockedPackage
 from envlock.settings import Settings
 
 NAMES = [f"pkg{i:02d}" for i in range(12)]
@@ -45,7 +45,7 @@ def test_an_unreachable_index_names_three_packages_and_counts_the_rest(tmp_path:
     assert {r.error_kind for r in found.values()} == {"refused"}
     pkgs = [_package(n, error=found[(n, "1.0")].error) for n in NAMES]
     with pytest.raises(EnvironmentBuildError) as err:
-        vendoring.vendor(pkgs, [], settings)
+        vendor.vendor(pkgs, [], settings)
     message = err.value.message
     assert message.startswith("could not vendor 12 package(s): pkg00 1.0 (cannot reach " + url)
     assert "pkg02 1.0" in message and "pkg03" not in message
@@ -59,7 +59,7 @@ def test_a_download_that_is_refused_says_so_for_each_file(tmp_path: Path) -> Non
     pkgs = [_package(n, (DistFile(f"{n}-1.0-py3-none-any.whl", f"{root}/files/{n}-1.0-py3-none-any.whl",
                                   "0" * 64),)) for n in NAMES[:2]]
     with pytest.raises(EnvironmentBuildError) as err:
-        vendoring.vendor(pkgs, [], settings)
+        vendor.vendor(pkgs, [], settings)
     assert err.value.message == "could not vendor 2 package(s): " + "; ".join(
         f"{n} 1.0 (could not download: cannot reach {root}/files/{n}-1.0-py3-none-any.whl: "
         "Connection refused)" for n in NAMES[:2])

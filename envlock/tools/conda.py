@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from envlock import proc
+from envlock.envs.interpreters import CONDA_ROOTS
 from envlock.errors import ToolNotFoundError
-from envlock.interpreters import CONDA_ROOTS
 
 PASSTHROUGH_ENV = ("CONDA_PKGS_DIRS", "CONDARC", "MAMBA_ROOT_PREFIX", "MAMBARC", "SSL_CERT_FILE",
                    "REQUESTS_CA_BUNDLE")

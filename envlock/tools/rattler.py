@@ -14,7 +14,7 @@ No solver runs: the records are the lock's, installed as they are (``rattler.ins
 downloads into rattler's shared package cache, checks each archive's sha256/md5, and links).
 ``alternative_target_prefix`` makes the files name the environment's final path while they
 are written into the temporary build folder, so the folder can be renamed into place like a
-venv (see :mod:`envlock.envcache`).
+venv (see :mod:`envlock.envs.cache`).
 """
 
 from __future__ import annotations

@@ -1,0 +1,113 @@
+"""`envlock diff`: the lock against an environment, package by package, flag by flag.
+
+No model is loaded: a worker in the target interpreter only imports the framework to read
+its effective settings (with this shell's variables, not the recorded ones).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from envlock.commands.run import recorded_environment
+from envlock.diagnosis.diagnose import NUMERIC_PACKAGES, Finding, Observed, diagnose
+from envlock.envs.interpreters import python_version
+from envlock.envs.inventory import inventory
+from envlock.errors import BadInputError, WorkerError
+from envlock.facts.gpu import gpu_facts
+from envlock.facts.host import platform_facts
+from envlock.locking.reqfile import locked_pins
+from envlock.settings import Settings
+from envlock.sidecar.store import read_sidecar
+from envlock.worker.client import WorkerClient
+
+_NOT_RUNTIME = frozenset({"envlock", "pip", "setuptools", "wheel", "uv"})
+
+
+@dataclass(frozen=True)
+class PackageChange:
+    name: str
+    recorded: str | None
+    current: str | None
+    matters: bool
+
+    @property
+    def kind(self) -> str:
+        return "added" if self.recorded is None else "removed" if self.current is None else "changed"
+
+
+@dataclass(frozen=True)
+class DiffResult:
+    model: Path
+    python: str
+    packages: tuple[PackageChange, ...]
+    findings: tuple[Finding, ...]
+    framework_error: str | None
+
+    schema = "envlock.diff/1"
+
+    @property
+    def differences(self) -> int:
+        return len(self.packages) + len(self.findings)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "schema": self.schema, "model": str(self.model), "python": self.python,
+            "differences": self.differences,
+            "packages": [{"name": p.name, "kind": p.kind, "recorded": p.recorded, "current": p.current,
+                          "matters": p.matters} for p in self.packages],
+            "findings": [f.to_json() for f in self.findings],
+            "framework_error": self.framework_error,
+        }
+
+
+def diff(model: str | os.PathLike[str], *, python: str | os.PathLike[str] | None = None,
+         settings: Settings | None = None) -> DiffResult:
+    settings = settings or Settings.from_env()
+    sc = read_sidecar(model)
+    target = Path(python) if python is not None else Path(sys.executable)
+    if not target.exists():
+        raise BadInputError(f"{target}: no such interpreter")
+    if python_version(target) is None:
+        raise BadInputError(f"{target}: not a Python interpreter (it does not answer `-c` with its version)",
+                            hint="give --python the path of a python executable, e.g. .venv/bin/python")
+    locked = locked_pins(sc.file("requirements.lock.txt").read_text())
+    current = inventory(target)
+    custom = {str(c.get("module", "")).split(".")[0].replace("_", "-")
+              for c in sc.get("custom_objects", default=[])}
+    changes = []
+    for name in sorted(set(locked) | set(current)):
+        if name in _NOT_RUNTIME or locked.get(name) == current.get(name):
+            continue
+        matters = name in NUMERIC_PACKAGES or name.startswith("nvidia-") or name in custom
+        changes.append(PackageChange(name, locked.get(name), current.get(name), matters))
+    changes.sort(key=lambda c: (not c.matters, c.name))
+
+    obs = Observed(packages=current, platform=platform_facts(), gpu=gpu_facts(),
+                   custom_modules=frozenset(custom))
+    framework_error = None
+    log = settings.home / "logs" / f"diff-{os.getpid()}.log"
+    try:
+        with WorkerClient(target, env=recorded_environment(sc, use_recorded=False), log_path=log,
+                          timeout=300) as client:
+            hello = client.request("hello")
+            obs.python = {"version": hello["python"], "implementation": hello["implementation"]}
+            client.request("prepare", {})
+            facts = client.request("facts")
+            obs.framework, obs.determinism = facts["framework"], facts["determinism"]
+    except WorkerError as exc:
+        framework_error = exc.message
+    if obs.python is None:
+        obs.python = {"version": _python_version(target)}
+    # Packages are listed on their own above; the findings cover everything else.
+    findings, _ = diagnose(sc.manifest, {}, obs, mismatch=False)
+    return DiffResult(Path(model), str(target), tuple(changes), tuple(findings), framework_error)
+
+
+def _python_version(python: Path) -> str:
+    from envlock import proc
+
+    return proc.run([python, "-c", "import platform; print(platform.python_version())"]).stdout.strip()

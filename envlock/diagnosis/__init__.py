@@ -1,0 +1,1 @@
+"""Why predictions differ: output comparison and the cause-ranking rules."""

@@ -1,0 +1,1 @@
+"""Environments: the cache of locked environments, how they are built (venv or conda), interpreters."""

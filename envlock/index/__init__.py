@@ -1,0 +1,1 @@
+"""Package indexes: the one HTTP client, the simple API and its cache."""

@@ -1,0 +1,1 @@
+"""Locks: installed packages to requirements/pylock, conda-lock, the wheel choice, vendoring."""
