@@ -139,7 +139,7 @@ def test_the_wheel_ships_py_typed(tmp_path: Path) -> None:
     (wheel,) = tmp_path.glob("envlock-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "envlock/py.typed" in names
-    assert {"envlock/cli.py", "envlock/cli/parse.py", "envlock/cli/render.py"} <= set(names)
+    assert {"envlock/cli/__init__.py", "envlock/cli/parse.py", "envlock/cli/render.py"} <= set(names)
 
 
 def test_the_dev_lock_pins_the_lint_tools_of_the_dev_group() -> None:
