@@ -148,37 +148,8 @@ def run(
     args = [os.fspath(a) for a in argv]
     child_env = clean_env() if env is None else dict(env)
     log.debug("run: %s", " ".join(args))
-    try:
-        proc = subprocess.Popen(
-            _dying_with_us(args, child_env, cwd),
-            stdin=subprocess.PIPE if input_text is not None else subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            env=child_env,
-            cwd=cwd,
-            text=True,
-            encoding="utf-8",
-            errors="replace",
-            start_new_session=os.name == "posix",
-        )
-    except FileNotFoundError as exc:
-        raise CommandError(args, 127, str(exc), what=what) from exc
-    out_chunks: list[str] = []
-    err_chunks: list[str] = []
-
-    def pump(stream: IO[str], sink: list[str], cb: Callable[[str], None] | None) -> None:
-        for line in stream:
-            sink.append(line)
-            if cb is not None:
-                cb(line.rstrip("\n"))
-
-    assert proc.stdout is not None and proc.stderr is not None
-    threads = [
-        threading.Thread(target=pump, args=(proc.stdout, out_chunks, None), daemon=True),
-        threading.Thread(target=pump, args=(proc.stderr, err_chunks, on_stderr_line), daemon=True),
-    ]
-    for t in threads:
-        t.start()
+    proc = _start(args, child_env, cwd, stdin_pipe=input_text is not None, what=what)
+    output = _Output(proc, on_stderr_line)
     try:
         if input_text is not None:
             assert proc.stdin is not None
@@ -187,20 +158,65 @@ def run(
         returncode = proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         kill_tree(proc)
-        for t in threads:
-            t.join(timeout=5)
-        raise CommandError(args, -9, "".join(err_chunks) + f"\ntimed out after {timeout:.0f}s",
+        output.join(timeout=5)
+        raise CommandError(args, -9, "".join(output.err) + f"\ntimed out after {timeout:.0f}s",
                            what=what) from None
     except BaseException:
         # Ctrl-C or anything else: never leave the child running behind us.
         kill_tree(proc)
         raise
-    for t in threads:
-        t.join()
-    done = Completed(args, returncode, "".join(out_chunks), "".join(err_chunks))
+    output.join()
+    done = Completed(args, returncode, "".join(output.out), "".join(output.err))
     if check and returncode != 0:
         raise CommandError(args, returncode, _tail(done.stderr or done.stdout), what=what)
     return done
+
+
+def _start(args: list[str], env: dict[str, str], cwd: str | os.PathLike[str] | None, *,
+           stdin_pipe: bool, what: str | None) -> subprocess.Popen[str]:
+    """``args`` started in a session of its own, dying with us, its output on text pipes; a
+    program that is not there is a CommandError with exit 127."""
+    try:
+        return subprocess.Popen(
+            _dying_with_us(args, env, cwd),
+            stdin=subprocess.PIPE if stdin_pipe else subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env,
+            cwd=cwd,
+            text=True,
+            encoding="utf-8",
+            errors="replace",
+            start_new_session=os.name == "posix",
+        )
+    except FileNotFoundError as exc:
+        raise CommandError(args, 127, str(exc), what=what) from exc
+
+
+class _Output:
+    """A child's stdout and stderr, each read on a thread of its own as the lines come."""
+
+    def __init__(self, proc: subprocess.Popen[str], on_stderr_line: Callable[[str], None] | None) -> None:
+        assert proc.stdout is not None and proc.stderr is not None
+        self.out: list[str] = []
+        self.err: list[str] = []
+        self._threads = [
+            threading.Thread(target=_pump, args=(proc.stdout, self.out, None), daemon=True),
+            threading.Thread(target=_pump, args=(proc.stderr, self.err, on_stderr_line), daemon=True),
+        ]
+        for t in self._threads:
+            t.start()
+
+    def join(self, timeout: float | None = None) -> None:
+        for t in self._threads:
+            t.join(timeout=timeout)
+
+
+def _pump(stream: IO[str], sink: list[str], cb: Callable[[str], None] | None) -> None:
+    for line in stream:
+        sink.append(line)
+        if cb is not None:
+            cb(line.rstrip("\n"))
 
 
 def spawn(

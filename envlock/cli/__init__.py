@@ -125,72 +125,88 @@ def cmd_run(args: argparse.Namespace, out: Out) -> int:
 
 def _run_shards(args: argparse.Namespace, out: Out) -> int:
     """`envlock run` over shards: here one after another, or on Ray with --ray."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
     from envlock.commands.shards import run_shards
     from envlock.errors import BadInputError
 
     if args.actors is not None and args.ray is None:
         raise BadInputError("--actors needs --ray")
-    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                   TimeRemainingColumn(), console=out.err, transient=True,
-                   disable=out.quiet or not out.err.is_terminal)
-    tasks: dict[str, Any] = {}
-
-    def on_start(shards: Sequence[Any]) -> None:
-        out.done()
-        bar.start()
-        tasks["shards"] = bar.add_task("shards", total=len(shards))
-        tasks["rows"] = bar.add_task("rows", total=sum(s.rows for s in shards))
-
-    def on_rows(done: int, total: int) -> None:
-        bar.update(tasks["rows"], completed=done)
-
-    def on_shard(result: Any) -> None:
-        bar.advance(tasks["shards"])
-        if args.ray is not None:
-            bar.advance(tasks["rows"], result.rows)
-
-    def on_node(facts: Any) -> None:
-        if not bar.disable:  # live status for a person watching; the summary says it for good
-            bar.console.print(node_line(facts))
-
-    def on_status(event: Any) -> None:  # a node's step while it prepares: building, waiting, ...
-        if not bar.disable:
-            steps = {"preparing": "preparing the locked environment", "building": "building the environment",
-                     "waiting": "waiting for the environment another actor builds"}
-            bar.console.print(f"node {str(event.get('node_id'))[:12]} ({event.get('hostname')}, "
-                              f"pid {event.get('pid')}): {steps.get(event.get('event'), event.get('event'))}")
-
+    bars = _ShardBars(out, on_ray=args.ray is not None)
     kwargs = _session_kwargs(args, out)
-    common = {"batch_size": args.batch_size, "validate": not args.no_validate, "on_start": on_start,
-              "on_shard": on_shard}
+    common = {"batch_size": args.batch_size, "validate": not args.no_validate, "on_start": bars.on_start,
+              "on_shard": bars.on_shard}
     try:
         if args.ray is not None:
-            import time
-
-            from envlock.commands.raydriver import run_shards_on_ray, stderr_to
-            from envlock.settings import Settings
-
-            stamp = time.strftime("%Y%m%d-%H%M%S")
-            log = Settings.from_env().home / "logs" / f"ray-{stamp}-{os.getpid()}.log"
-            with stderr_to(log) as real_stderr:
-                out.err.file = real_stderr
-                try:
-                    result = run_shards_on_ray(args.model, str(args.input), args.output,
-                                               address=args.ray or None, actors=args.actors, on_node=on_node,
-                                               on_status=on_status,
-                                               **common, **kwargs)
-                finally:
-                    bar.stop()
-                    out.err.file = sys.stderr
+            result = _run_shards_on_ray(args, out, bars, common, kwargs)
         else:
-            result = run_shards(args.model, str(args.input), args.output, on_rows=on_rows, **common,
+            result = run_shards(args.model, str(args.input), args.output, on_rows=bars.on_rows, **common,
                                 **kwargs)
     finally:
-        bar.stop()
+        bars.bar.stop()
     _emit(result, out, render_shards)
     return 0
+
+
+def _run_shards_on_ray(args: argparse.Namespace, out: Out, bars: _ShardBars, common: dict[str, Any],
+                       kwargs: dict[str, Any]) -> Any:
+    """The shards on Ray, with Ray's own lines sent to a log under ENVLOCK_HOME."""
+    import time
+
+    from envlock.commands.raydriver import run_shards_on_ray, stderr_to
+    from envlock.settings import Settings
+
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    log = Settings.from_env().home / "logs" / f"ray-{stamp}-{os.getpid()}.log"
+    with stderr_to(log) as real_stderr:
+        out.err.file = real_stderr
+        try:
+            return run_shards_on_ray(args.model, str(args.input), args.output,
+                                     address=args.ray or None, actors=args.actors, on_node=bars.on_node,
+                                     on_status=bars.on_status,
+                                     **common, **kwargs)
+        finally:
+            bars.bar.stop()
+            out.err.file = sys.stderr
+
+
+class _ShardBars:
+    """The progress of a sharded run: a bar over shards, one over rows, and on Ray a line for
+    each step and verdict of a node."""
+
+    def __init__(self, out: Out, *, on_ray: bool) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.out = out
+        self.on_ray = on_ray
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TimeRemainingColumn(), console=out.err, transient=True,
+                            disable=out.quiet or not out.err.is_terminal)
+        self.tasks: dict[str, Any] = {}
+
+    def on_start(self, shards: Sequence[Any]) -> None:
+        self.out.done()
+        self.bar.start()
+        self.tasks["shards"] = self.bar.add_task("shards", total=len(shards))
+        self.tasks["rows"] = self.bar.add_task("rows", total=sum(s.rows for s in shards))
+
+    def on_rows(self, done: int, total: int) -> None:
+        self.bar.update(self.tasks["rows"], completed=done)
+
+    def on_shard(self, result: Any) -> None:
+        self.bar.advance(self.tasks["shards"])
+        if self.on_ray:
+            self.bar.advance(self.tasks["rows"], result.rows)
+
+    def on_node(self, facts: Any) -> None:
+        if not self.bar.disable:  # live status for a person watching; the summary says it for good
+            self.bar.console.print(node_line(facts))
+
+    def on_status(self, event: Any) -> None:  # a node's step while it prepares: building, waiting, ...
+        if not self.bar.disable:
+            steps = {"preparing": "preparing the locked environment", "building": "building the environment",
+                     "waiting": "waiting for the environment another actor builds"}
+            step = steps.get(event.get("event"), event.get("event"))
+            self.bar.console.print(f"node {str(event.get('node_id'))[:12]} ({event.get('hostname')}, "
+                                   f"pid {event.get('pid')}): {step}")
 
 
 def cmd_check(args: argparse.Namespace, out: Out) -> int:

@@ -12,7 +12,7 @@ import os
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import envlock
 from envlock.errors import BadInputError
@@ -131,7 +131,30 @@ def build_parser(handlers: Mapping[str, Handler]) -> argparse.ArgumentParser:
                         metavar="SHELL",
                         help=f"print the shell completion code ({', '.join(COMPLETION_SHELLS)})")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    _save_parser(sub, handlers["save"])
+    p = sub.add_parser("show", help="the manifest, readable")
+    p.add_argument("model", type=_model)
+    _finish(p, handlers["show"])
+    _run_parser(sub, handlers["run"])
+    _check_parser(sub, handlers["check"])
+    _diff_parser(sub, handlers["diff"])
+    _env_parser(sub, handlers["env"])
+    _export_parser(sub, handlers["export"])
+    _cache_parser(sub, handlers)
+    return parser
 
+
+if TYPE_CHECKING:
+    _Subparsers = argparse._SubParsersAction[_Parser]
+
+
+def _finish(p: argparse.ArgumentParser, handler: Handler) -> None:
+    """The options every command has, and the function that runs it."""
+    _common(p)
+    p.set_defaults(func=handler)
+
+
+def _save_parser(sub: _Subparsers, handler: Handler) -> None:
     p = sub.add_parser("save", help="capture the environment and reference predictions of a saved model")
     p.add_argument("model", type=_model, help="a .keras file, a legacy .h5 file or a SavedModel directory")
     p.add_argument("--probe", type=_path, help="real inputs (.npy, or .npz with one array per input)")
@@ -144,14 +167,10 @@ def build_parser(handlers: Mapping[str, Handler]) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_SEED, default=0, help="seed of generated probe inputs")
     p.add_argument("--vendor", action="store_true",
                    help="copy every locked wheel into MODEL.envlock/wheels: a rebuild needs no index")
-    _common(p)
-    p.set_defaults(func=handlers["save"])
+    _finish(p, handler)
 
-    p = sub.add_parser("show", help="the manifest, readable")
-    p.add_argument("model", type=_model)
-    _common(p)
-    p.set_defaults(func=handlers["show"])
 
+def _run_parser(sub: _Subparsers, handler: Handler) -> None:
     p = sub.add_parser("run", help="validate on this machine, then predict inside the locked environment")
     p.add_argument("model", type=_model)
     p.add_argument("--input", "-i", type=_path, required=True,
@@ -166,24 +185,27 @@ def build_parser(handlers: Mapping[str, Handler]) -> argparse.ArgumentParser:
                    help="run the shards on a Ray cluster: ADDRESS, else $RAY_ADDRESS, else a local one")
     p.add_argument("--actors", type=int, help="Ray actors (default: one per CPU of the cluster, at most "
                    "one per shard)")
-    _common(p)
-    p.set_defaults(func=handlers["run"])
+    _finish(p, handler)
 
+
+def _check_parser(sub: _Subparsers, handler: Handler) -> None:
     p = sub.add_parser("check", help="replay the probe on this machine and explain every difference")
     p.add_argument("model", type=_model)
     p.add_argument("--atol", type=_TOLERANCE, help="absolute tolerance (default: as recorded at save)")
     p.add_argument("--rtol", type=_TOLERANCE, help="relative tolerance (default: as recorded at save)")
     _session_args(p)
-    _common(p)
-    p.set_defaults(func=handlers["check"])
+    _finish(p, handler)
 
+
+def _diff_parser(sub: _Subparsers, handler: Handler) -> None:
     p = sub.add_parser("diff", help="the lock against this (or --python's) environment")
     p.add_argument("model", type=_model)
     p.add_argument("--python", type=_interpreter,
                    help="the interpreter whose environment to compare (default: this one)")
-    _common(p)
-    p.set_defaults(func=handlers["diff"])
+    _finish(p, handler)
 
+
+def _env_parser(sub: _Subparsers, handler: Handler) -> None:
     p = sub.add_parser("env", help="build (or find) the locked environment and print its path")
     p.add_argument("model", type=_model)
     p.add_argument("--strategy", default="locked", choices=["auto", "current", "venv", "conda"],
@@ -192,28 +214,27 @@ def build_parser(handlers: Mapping[str, Handler]) -> argparse.ArgumentParser:
     p.add_argument("--allow-python-download", action="store_true")
     p.add_argument("--find-links", action="append", default=[], metavar="DIR", type=_model)
     _custom_objects_arg(p)
-    _common(p)
-    p.set_defaults(func=handlers["env"])
+    _finish(p, handler)
 
+
+def _export_parser(sub: _Subparsers, handler: Handler) -> None:
     p = sub.add_parser("export", help="render the lock for another tool (a Dockerfile, a requirements file)")
     p.add_argument("model", type=_model)
     p.add_argument("--format", "-f", required=True, metavar="FORMAT",
                    help="dockerfile, requirements, ... (see envlock.commands.export.FORMATS)")
     p.add_argument("--output", "-o", type=_path, help="write here (default: stdout)")
-    _common(p)
-    p.set_defaults(func=handlers["export"])
+    _finish(p, handler)
 
+
+def _cache_parser(sub: _Subparsers, handlers: Mapping[str, Handler]) -> None:
     p = sub.add_parser("cache", help="the environment cache")
     csub = p.add_subparsers(dest="cache_command", required=True, parser_class=_Parser)
     q = csub.add_parser("list", help="cached environments")
-    _common(q)
-    q.set_defaults(func=handlers["cache list"])
+    _finish(q, handlers["cache list"])
     q = csub.add_parser("gc", help="remove environments by age of last use and by total size")
     q.add_argument("--older-than", type=_DAYS, metavar="DAYS", help="remove those unused for DAYS")
     q.add_argument("--max-size", type=_GIGABYTES, metavar="GB", help="then remove the oldest until under GB")
-    _common(q)
-    q.set_defaults(func=handlers["cache gc"])
-    return parser
+    _finish(q, handlers["cache gc"])
 
 
 def _session_args(p: argparse.ArgumentParser) -> None:

@@ -266,25 +266,17 @@ def run_shards_on_ray(model: str | os.PathLike[str], input_arg: str, output: Pat
                       on_shard: ShardDone | None = None, on_node: NodeReady | None = None,
                       on_status: NodeStatus | None = None, **session_kwargs: Any) -> ShardRunResult:
     """Every shard on the cluster, whole shards per actor; outputs written here, atomically."""
-    from envlock.facts.modelfile import inspect_model
-    from envlock.sidecar.store import read_sidecar
-
     t0 = time.perf_counter()
     if batch_size < 1:
         raise BadInputError("--batch-size must be at least 1")
     if actors is not None and actors < 1:
         raise BadInputError("--actors must be at least 1")
     model_path = Path(model).resolve()
-    sidecar = read_sidecar(model_path)
-    if inspect_model(model_path).sha256 != sidecar.manifest["model"]["sha256"]:
-        raise MismatchError(f"model_file_changed: {model_path} is not the file the sidecar was saved with",
-                            cause="model_file_changed", hint="save it again with `envlock save`")
-    specs = list(sidecar.manifest["model"]["inputs"])
-    n_outputs = len(sidecar.manifest["model"].get("outputs") or [1])
+    saved = _saved_model(model_path)
+    n_outputs = len(saved.get("outputs") or [1])
     paths = find_shards(input_arg)
-    shards = inspect_shards(paths, specs)  # exit 2 before a cluster is touched
+    shards = inspect_shards(paths, list(saved["inputs"]))  # exit 2 before a cluster is touched
     outdir = prepare_output_dir(output, paths)
-    ray = _import_ray()
     with connected(address) as where:
         # Every actor of the pool must start before any predicts (each proves its node first):
         # no more actors than the cluster has CPUs, nor than there are shards.
@@ -293,16 +285,8 @@ def run_shards_on_ray(model: str | os.PathLike[str], input_arg: str, output: Pat
             on_start(shards)
         started = set(threading.enumerate())
         registry = _registry(pool)
-        ds = ray.data.from_items([{"index": i, "path": str(s.path.resolve())} for i, s in enumerate(shards)],
-                                 override_num_blocks=len(shards))
-        actor_args = (str(model_path), _actor_options(session_kwargs), validate, batch_size, n_outputs,
-                      registry)
-        ds = ds.map_batches(ShardPredictor, fn_constructor_args=actor_args,
-                            batch_size=1, batch_format="numpy", num_cpus=1,
-                            compute=ray.data.ActorPoolStrategy(size=pool),
-                            max_restarts=ACTOR_RESTARTS, max_task_retries=ACTOR_RESTARTS)
-        rows = iter(ds.iter_rows())
-        del ds, actor_args
+        rows = _shard_rows(shards, pool, (str(model_path), _actor_options(session_kwargs), validate,
+                                          batch_size, n_outputs, registry))
         results: list[ShardResult] = []
         try:
             with _Watcher(registry, on_node, on_status) as watcher:
@@ -311,9 +295,7 @@ def run_shards_on_ray(model: str | os.PathLike[str], input_arg: str, output: Pat
                         _raise_row(json.loads(row["error"]))
                     # Every actor reported before any shard was predicted: one refusal anywhere
                     # stops the run before a shard is written.
-                    for facts in watcher.poll():
-                        if facts.get("error"):
-                            _raise_row(facts["error"])
+                    _raise_refusal(watcher.poll())
                     facts = json.loads(row["facts"])
                     shard = shards[int(row["index"])]
                     results.append(_write_shard(model_path, shard, outdir, n_outputs, row, facts, batch_size))
@@ -323,20 +305,55 @@ def run_shards_on_ray(model: str | os.PathLike[str], input_arg: str, output: Pat
         except EnvlockError:
             raise
         except Exception as exc:  # Ray gave up (an actor died past its restarts, a node was lost)
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise WorkerError(f"the Ray job failed after Ray's retries: {type(exc).__name__}: {first}",
-                              hint="see the Ray logs of the cluster (`ray logs`)") from None
+            raise _ray_failed(exc) from None
         finally:
             _stop_execution(rows, registry, started)
             del rows, registry
     # An actor that got no shard still proved (or failed) its node: its refusal fails the run.
-    for facts in reported:
-        if facts.get("error"):
-            _raise_row(facts["error"])
+    _raise_refusal(reported)
     results.sort(key=lambda r: str(r.input))
     lock = next((a["lock_sha256"] for a in reported if a.get("lock_sha256")), "")
     return ShardRunResult(model_path, input_arg, outdir, sum(r.rows for r in results), tuple(results),
                           tuple(reported), lock, where, time.perf_counter() - t0)
+
+
+def _saved_model(model_path: Path) -> Mapping[str, Any]:
+    """The sidecar's record of the model (its inputs, its outputs), refused when the model file
+    is not the one it was saved with."""
+    from envlock.facts.modelfile import inspect_model
+    from envlock.sidecar.store import read_sidecar
+
+    sidecar = read_sidecar(model_path)
+    if inspect_model(model_path).sha256 != sidecar.manifest["model"]["sha256"]:
+        raise MismatchError(f"model_file_changed: {model_path} is not the file the sidecar was saved with",
+                            cause="model_file_changed", hint="save it again with `envlock save`")
+    return sidecar.manifest["model"]
+
+
+def _shard_rows(shards: list[Shard], pool: int, actor_args: tuple[Any, ...]) -> Iterator[dict[str, Any]]:
+    """The rows Ray Data gives back, one per shard, from a pool of ``pool`` ShardPredictor
+    actors. The dataset is held only here: the iterator alone outlives this call."""
+    import ray
+
+    ds = ray.data.from_items([{"index": i, "path": str(s.path.resolve())} for i, s in enumerate(shards)],
+                             override_num_blocks=len(shards))
+    ds = ds.map_batches(ShardPredictor, fn_constructor_args=actor_args,
+                        batch_size=1, batch_format="numpy", num_cpus=1,
+                        compute=ray.data.ActorPoolStrategy(size=pool),
+                        max_restarts=ACTOR_RESTARTS, max_task_retries=ACTOR_RESTARTS)
+    return iter(ds.iter_rows())
+
+
+def _raise_refusal(reported: list[dict[str, Any]]) -> None:
+    for facts in reported:
+        if facts.get("error"):
+            _raise_row(facts["error"])
+
+
+def _ray_failed(exc: Exception) -> WorkerError:
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return WorkerError(f"the Ray job failed after Ray's retries: {type(exc).__name__}: {first}",
+                       hint="see the Ray logs of the cluster (`ray logs`)")
 
 
 def _write_shard(model: Path, shard: Shard, outdir: Path, n_outputs: int, row: Mapping[str, Any],

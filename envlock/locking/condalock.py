@@ -254,45 +254,11 @@ def capture(prefix: Path, dists: Sequence[Mapping[str, Any]], packages: Sequence
     interpreter's tags by default)."""
     supported = list(sys_tags()) if supported is None else list(supported)
     records, left_out = read_conda_meta(prefix)
-    owned = owned_dist_infos(records)
     subdirs = [str(r.get("subdir")) for r in records if r.get("subdir") not in (None, "", "noarch")]
     plat = platform or (max(set(subdirs), key=subdirs.count) if subdirs else this_platform())
-    conda: list[CondaPackage] = []
-    channels: list[str] = []
-    extra: dict[str, dict[str, Any]] = {}
-    for rec in records:
-        url = str(rec["url"])
-        channel = _channel_name(str(rec.get("channel") or url.rsplit("/", 2)[0]))
-        if channel not in channels:
-            channels.append(channel)
-        index = {k: v for k, v in rec.items() if k not in _INSTALL_FIELDS}
-        index.setdefault("fn", _basename(url))
-        conda.append(CondaPackage(
-            name=str(rec["name"]), version=str(rec["version"]), build=str(rec.get("build", "")),
-            url=url, md5=str(rec.get("md5") or ""), sha256=rec.get("sha256"),
-            depends=tuple(str(d) for d in rec.get("depends") or ()), record=index,
-        ))
-        extra[str(index["fn"])] = index
-
-    by_name = {str(canonicalize_name(p.name)): p for p in packages}
-    pip: list[PipPackage] = []
-    conda_owned: list[str] = []
-    not_locked: list[str] = []
-    for d in dists:
-        name = str(canonicalize_name(str(d["name"])))
-        rel = _relative(str(d.get("dist_info") or ""), prefix)
-        if rel is not None and rel in owned:
-            conda_owned.append(name)
-            continue
-        pkg = by_name.get(name)
-        if pkg is None:  # envlock itself, left out of every lock
-            continue
-        picked = choose_file(pkg.files, installed_tags(d.get("dist_info")), supported) if pkg.locked else None
-        if picked is None:
-            not_locked.append(name)
-            continue
-        pip.append(PipPackage(name=name, version=pkg.version, url=picked.url, sha256=picked.sha256,
-                              dependencies=_pip_dependencies(pkg.requires)))
+    conda, channels, extra = _conda_packages(records)
+    pip, conda_owned, not_locked = _pip_packages(prefix, dists, packages, owned_dist_infos(records),
+                                                 supported)
     lock = CondaLock(platform=plat, channels=tuple(channels), conda=tuple(conda),
                      pip=tuple(sorted(pip, key=lambda p: p.name)))
     python = lock.python
@@ -312,6 +278,56 @@ def capture(prefix: Path, dists: Sequence[Mapping[str, Any]], packages: Sequence
     }
     warnings = [f"{what}: left out of {LOCKFILE}, a rebuild will not hold it" for what in left_out]
     return CondaCapture(lock=lock, text=dumps(lock), manifest=manifest, warnings=tuple(warnings))
+
+
+def _conda_packages(records: Sequence[Mapping[str, Any]]
+                    ) -> tuple[list[CondaPackage], list[str], dict[str, dict[str, Any]]]:
+    """The locked conda packages, their channels in first-seen order, and each one's index
+    fields by file name (the manifest's ``conda.records``)."""
+    conda: list[CondaPackage] = []
+    channels: list[str] = []
+    extra: dict[str, dict[str, Any]] = {}
+    for rec in records:
+        url = str(rec["url"])
+        channel = _channel_name(str(rec.get("channel") or url.rsplit("/", 2)[0]))
+        if channel not in channels:
+            channels.append(channel)
+        index = {k: v for k, v in rec.items() if k not in _INSTALL_FIELDS}
+        index.setdefault("fn", _basename(url))
+        conda.append(CondaPackage(
+            name=str(rec["name"]), version=str(rec["version"]), build=str(rec.get("build", "")),
+            url=url, md5=str(rec.get("md5") or ""), sha256=rec.get("sha256"),
+            depends=tuple(str(d) for d in rec.get("depends") or ()), record=index,
+        ))
+        extra[str(index["fn"])] = index
+    return conda, channels, extra
+
+
+def _pip_packages(prefix: Path, dists: Sequence[Mapping[str, Any]], packages: Sequence[LockedPackage],
+                  owned: set[str], supported: Sequence[Tag]) -> tuple[list[PipPackage], list[str], list[str]]:
+    """The distributions pip installed on top, locked; the names of those conda owns; the names
+    of those with no file to lock (none an installer can fetch again by hash, or none for
+    these tags)."""
+    by_name = {str(canonicalize_name(p.name)): p for p in packages}
+    pip: list[PipPackage] = []
+    conda_owned: list[str] = []
+    not_locked: list[str] = []
+    for d in dists:
+        name = str(canonicalize_name(str(d["name"])))
+        rel = _relative(str(d.get("dist_info") or ""), prefix)
+        if rel is not None and rel in owned:
+            conda_owned.append(name)
+            continue
+        pkg = by_name.get(name)
+        if pkg is None:  # envlock itself, left out of every lock
+            continue
+        picked = choose_file(pkg.files, installed_tags(d.get("dist_info")), supported) if pkg.locked else None
+        if picked is None:
+            not_locked.append(name)
+            continue
+        pip.append(PipPackage(name=name, version=pkg.version, url=picked.url, sha256=picked.sha256,
+                              dependencies=_pip_dependencies(pkg.requires)))
+    return pip, conda_owned, not_locked
 
 
 # --- the conda-lock v1 document ------------------------------------------------------------

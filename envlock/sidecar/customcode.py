@@ -307,34 +307,48 @@ def capture_main(objects: list[Any]) -> MainCapture:
         tree = ast.parse(text)
     except (OSError, TypeError, SyntaxError):
         return _capture_objects_only(objects, names)
-    lines = text.splitlines(keepends=True)
     binders: dict[str, list[ast.stmt]] = {}
     for node in definitions(tree.body):
         for name in bound_names(node):
             binders.setdefault(name, []).append(node)
+    if any(not binders.get(n) for n in names):
+        return _capture_objects_only(objects, names)
     live = vars(main) if main is not None else {}
+    chosen, wanted = _needed_statements(tree, binders, live, list(names))
+    capture = MainCapture(source="", objects=names)
+    capture.source, imported = _main_source(tree, text.splitlines(keepends=True), chosen, wanted)
+    copy_local_modules(imported, capture)
+    return capture
 
-    def choose(name: str) -> list[ast.stmt]:
-        nodes = binders.get(name, [])
-        obj = live.get(name)
-        line = _defining_line(obj) if (inspect.isclass(obj) or inspect.isfunction(obj)) \
-            and getattr(obj, "__module__", None) == "__main__" else None
-        if line is not None:
-            # The definition that made the live object, where a name is defined more than once
-            # (say in both branches of an `if`).
-            exact = [n for n in nodes if line in {n.lineno, *(d.lineno for d in
-                                                               getattr(n, "decorator_list", []))}]
-            if exact:
-                return exact
-        return nodes
 
+def _binders_of(name: str, binders: Mapping[str, list[ast.stmt]],
+                live: Mapping[str, Any]) -> list[ast.stmt]:
+    """The statements binding ``name`` that the capture takes."""
+    nodes = binders.get(name, [])
+    obj = live.get(name)
+    line = _defining_line(obj) if (inspect.isclass(obj) or inspect.isfunction(obj)) \
+        and getattr(obj, "__module__", None) == "__main__" else None
+    if line is not None:
+        # The definition that made the live object, where a name is defined more than once
+        # (say in both branches of an `if`).
+        exact = [n for n in nodes if line in {n.lineno, *(d.lineno for d in
+                                                           getattr(n, "decorator_list", []))}]
+        if exact:
+            return exact
+    return nodes
+
+
+def _needed_statements(tree: ast.Module, binders: Mapping[str, list[ast.stmt]],
+                       live: Mapping[str, Any],
+                       todo: list[str]) -> tuple[dict[int, ast.stmt], set[str]]:
+    """The top-level statements the names in ``todo`` need, transitively through the free
+    names of what defines them (by id), and every name so reached."""
     chosen: dict[int, ast.stmt] = {}
     wanted: set[str] = set()
-    todo = list(names)
     # `from m import *` binds names no syntax tree shows: what is bound nowhere else may come
     # from there, so those imports go along whenever such a name is used.
-    stars = [n for n in definitions(tree.body) if isinstance(n, ast.ImportFrom)
-             and any(a.name == "*" for a in n.names)]
+    stars: list[ast.stmt] = [n for n in definitions(tree.body) if isinstance(n, ast.ImportFrom)
+                             and any(a.name == "*" for a in n.names)]
     known = set(dir(builtins))
     while todo:
         name = todo.pop()
@@ -344,17 +358,19 @@ def capture_main(objects: list[Any]) -> MainCapture:
         if name not in binders and name not in known:
             for node in stars:
                 chosen[id(node)] = node
-        for node in choose(name):
+        for node in _binders_of(name, binders, live):
             if id(node) in chosen:
                 continue
             chosen[id(node)] = node
             if not isinstance(node, (ast.Import, ast.ImportFrom)):
                 todo.extend(free_names(node) - wanted)
-    missing = [n for n in names if not binders.get(n)]
-    if missing:
-        return _capture_objects_only(objects, names)
+    return chosen, wanted
 
-    capture = MainCapture(source="", objects=names)
+
+def _main_source(tree: ast.Module, lines: list[str], chosen: Mapping[int, ast.stmt],
+                 wanted: set[str]) -> tuple[str, list[str]]:
+    """The text of ``__envlock_main__.py`` holding the chosen statements in script order, and
+    the modules its imports name."""
     parts = ["# Captured by envlock from the __main__ script that defined these objects: the",
              "# definitions the model needs and what they use. Move them into a module of your",
              "# project: a script cannot be imported at load time."]
@@ -374,9 +390,7 @@ def capture_main(objects: list[Any]) -> MainCapture:
         else:
             parts.append("")
             parts.append(_node_source(lines, node).rstrip("\n"))
-    capture.source = "\n".join(parts) + "\n"
-    copy_local_modules(imported, capture)
-    return capture
+    return "\n".join(parts) + "\n", imported
 
 
 def _capture_objects_only(objects: list[Any], names: dict[str, str]) -> MainCapture:
