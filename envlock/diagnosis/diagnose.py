@@ -12,7 +12,16 @@ kept apart as ``notes``.
 from collections.abc import Mapping
 from typing import Any
 
-from envlock.diagnosis.findings import NUMERIC_PACKAGES, PRIORS, Collector, Finding, Observed, minor
+from envlock.diagnosis.findings import (
+    NOT_RUNTIME,
+    NUMERIC_PACKAGES,
+    PRIORS,
+    Collector,
+    Finding,
+    Observed,
+    changes_predictions,
+    minor,
+)
 from envlock.diagnosis.model_rules import custom_code, custom_modules, model_file
 
 __all__ = ["NUMERIC_PACKAGES", "PRIORS", "Finding", "Observed", "diagnose"]
@@ -55,18 +64,16 @@ def _framework(m: Mapping[str, Any], o: Observed, c: Collector) -> None:
 def _packages(m: Mapping[str, Any], locked: Mapping[str, str], o: Observed, c: Collector) -> None:
     if o.packages is None or not locked:
         return
-    ignore = {"envlock", "pip", "setuptools", "wheel", "uv"}
     changed: dict[str, tuple[str | None, str | None]] = {}
     for name in sorted(set(locked) | set(o.packages)):
-        if name in ignore:
+        if name in NOT_RUNTIME:
             continue
         a, b = locked.get(name), o.packages.get(name)
         if a != b:
             changed[name] = (a, b)
     if not changed:
         return
-    matter = {k: v for k, v in changed.items()
-              if k in NUMERIC_PACKAGES or k.startswith("nvidia-") or k in o.custom_modules}
+    matter = {k: v for k, v in changed.items() if changes_predictions(k, o.custom_modules)}
     rest = {k: v for k, v in changed.items() if k not in matter}
     if matter:
         bonus = 0
