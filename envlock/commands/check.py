@@ -12,6 +12,7 @@ import contextlib
 import os
 import platform as _platform
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,7 @@ from envlock.diagnosis.compare import (
     overall_status,
 )
 from envlock.diagnosis.diagnose import Finding, Observed, diagnose
+from envlock.diagnosis.findings import custom_object_packages
 from envlock.errors import WorkerError
 from envlock.facts.gpu import gpu_facts
 from envlock.facts.host import platform_facts
@@ -81,6 +83,16 @@ def _model_sha(path: Path) -> str | None:
     return file_sha256(path) if path.is_file() else None
 
 
+@dataclass
+class _Replay:
+    """What replaying the probe gave; ``fresh`` is the second worker's replay, still running."""
+
+    outputs: list[OutputComparison] = field(default_factory=list)
+    status: str = ERROR
+    error: str | None = None
+    fresh: Future[dict[str, np.ndarray] | None] | None = None
+
+
 def check(model: str | os.PathLike[str], *, atol: float | None = None, rtol: float | None = None,
           **session_kwargs: Any) -> CheckResult:
     """Check a saved model on this machine (in the locked environment unless strategy says)."""
@@ -103,78 +115,89 @@ def check(model: str | os.PathLike[str], *, atol: float | None = None, rtol: flo
     pool = ThreadPoolExecutor(max_workers=3, thread_name_prefix="envlock-check")
     gpu_f = pool.submit(gpu_facts)
     plat_f = pool.submit(platform_facts)
-    outputs: list[OutputComparison] = []
-    status = ERROR
-    error: str | None = None
-    fresh_f: Future[dict[str, np.ndarray] | None] | None = None
+    replay = _Replay()
     t0 = time.perf_counter()
     try:
-        try:
-            # Resolve (and build) the environment once, then start both workers together: the
-            # second, fresh one imports the framework while the first is being questioned.
-            resolved = resolve_environment(
-                session.sidecar, settings=session.settings, strategy=requested,
-                allow_python_download=session.allow_python_download, find_links=session.find_links,
-                on_event=session_kwargs.get("on_build_event"))
-            session.strategy = resolved.strategy
-            fresh_f = pool.submit(_fresh_replay, session)
-            try:
-                session.open()
-            except WorkerError as exc:
-                # The model (or its framework) does not load: what the environment is still
-                # explains why, so gather its facts from the same worker without the model.
-                error = exc.message
-                obs.load_error = {"message": exc.message, "cause": exc.cause}
-                _gather_facts(session, obs, loaded=False)
-                raise
-            _gather_facts(session, obs, loaded=True)
-            obs.custom_objects = session.loaded.get("custom_objects")
-            obs.modules = session.prepared.get("module_facts")
-            obs.static_findings = session.loaded.get("static_findings") or []
-            jit = session.loaded.get("jit_compile") or {}
-            obs.model_jit = jit.get("effective")
-            obs.jit_not_honoured = jit.get("stored") if jit.get("honoured") is False else None
-            obs.untracked_arrays = session.loaded.get("untracked_arrays")
-            client = session.client
-            assert client is not None
-            obs.fingerprint = client.request("fingerprint")
-            _, reference = session.probe_arrays()
-            first = session.replay_probe("a")
-            second = session.replay_probe("b")
-            obs.in_process_equal = _bitwise(first, second)
-            outputs = compare_outputs(reference, first, atol=float(tol["atol"]), rtol=float(tol["rtol"]))
-            status = overall_status(outputs)
-            fresh = fresh_f.result()
-            obs.cross_process_equal = _bitwise(first, fresh) if fresh is not None else None
-        except WorkerError as exc:
-            error = exc.message
-            if obs.load_error is None:
-                obs.load_error = {"message": exc.message, "cause": exc.cause}
+        _replay(session, obs, replay, pool, tol, requested=requested,
+                on_build_event=session_kwargs.get("on_build_event"))
         if session.use_recorded_env:
             obs.shell_env = {k: os.environ.get(k) for k in ENV_VARS}
-        obs.custom_modules = frozenset(
-            str(c.get("module", "")).split(".")[0].replace("_", "-") for c in m.get("custom_objects", []))
+        obs.custom_modules = custom_object_packages(m.get("custom_objects", []))
         obs.gpu = gpu_f.result()
         obs.platform = plat_f.result()
         if obs.python is None and session.resolved is not None and session.resolved.strategy == "current":
             obs.python = {"version": _platform.python_version()}
     finally:
-        if fresh_f is not None:
+        if replay.fresh is not None:
             # Its worker is closed by the thread itself; wait so that none outlives check().
             with contextlib.suppress(Exception):
-                fresh_f.result()
+                replay.fresh.result()
         pool.shutdown(wait=False)
         resolved_env = session.resolved
         session.close()
     seconds = dict(session.seconds)
     seconds["total"] = time.perf_counter() - t0
-    findings, notes = diagnose(m, locked, obs, mismatch=status in (MISMATCH, ERROR))
+    findings, notes = diagnose(m, locked, obs, mismatch=replay.status in (MISMATCH, ERROR))
     return CheckResult(
-        model=path, status=status, outputs=tuple(outputs), findings=tuple(findings), notes=tuple(notes),
-        strategy=resolved_env.strategy if resolved_env else None,
-        python=str(resolved_env.python) if resolved_env else None, tolerance=tol, error=error,
+        model=path, status=replay.status, outputs=tuple(replay.outputs), findings=tuple(findings),
+        notes=tuple(notes), strategy=resolved_env.strategy if resolved_env else None,
+        python=str(resolved_env.python) if resolved_env else None, tolerance=tol, error=replay.error,
         seconds=seconds,
     )
+
+
+def _replay(session: ModelSession, obs: Observed, replay: _Replay, pool: ThreadPoolExecutor,
+            tol: dict[str, float], *, requested: str, on_build_event: Callable[[Any], None] | None
+            ) -> None:
+    """Replay the probe twice in one worker and once in a fresh one, comparing with the
+    reference; a worker failure becomes ``replay.error`` and ``obs.load_error``."""
+    try:
+        # Resolve (and build) the environment once, then start both workers together: the
+        # second, fresh one imports the framework while the first is being questioned.
+        resolved = resolve_environment(
+            session.sidecar, settings=session.settings, strategy=requested,
+            allow_python_download=session.allow_python_download, find_links=session.find_links,
+            on_event=on_build_event)
+        session.strategy = resolved.strategy
+        replay.fresh = pool.submit(_fresh_replay, session)
+        try:
+            session.open()
+        except WorkerError as exc:
+            # The model (or its framework) does not load: what the environment is still
+            # explains why, so gather its facts from the same worker without the model.
+            replay.error = exc.message
+            obs.load_error = {"message": exc.message, "cause": exc.cause}
+            _gather_facts(session, obs, loaded=False)
+            raise
+        _gather_facts(session, obs, loaded=True)
+        _gather_model_facts(session, obs)
+        _, reference = session.probe_arrays()
+        first = session.replay_probe("a")
+        second = session.replay_probe("b")
+        obs.in_process_equal = _bitwise(first, second)
+        replay.outputs = compare_outputs(reference, first, atol=float(tol["atol"]), rtol=float(tol["rtol"]))
+        replay.status = overall_status(replay.outputs)
+        fresh = replay.fresh.result()
+        obs.cross_process_equal = _bitwise(first, fresh) if fresh is not None else None
+    except WorkerError as exc:
+        replay.error = exc.message
+        if obs.load_error is None:
+            obs.load_error = {"message": exc.message, "cause": exc.cause}
+
+
+def _gather_model_facts(session: ModelSession, obs: Observed) -> None:
+    """What the loaded model is made of: its custom objects and modules, its jit_compile, its
+    arrays that are not weights, and the fingerprint of its weights."""
+    obs.custom_objects = session.loaded.get("custom_objects")
+    obs.modules = session.prepared.get("module_facts")
+    obs.static_findings = session.loaded.get("static_findings") or []
+    jit = session.loaded.get("jit_compile") or {}
+    obs.model_jit = jit.get("effective")
+    obs.jit_not_honoured = jit.get("stored") if jit.get("honoured") is False else None
+    obs.untracked_arrays = session.loaded.get("untracked_arrays")
+    client = session.client
+    assert client is not None
+    obs.fingerprint = client.request("fingerprint")
 
 
 def _gather_facts(session: ModelSession, obs: Observed, *, loaded: bool) -> None:

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from envlock.commands.run import recorded_environment
-from envlock.diagnosis.diagnose import NUMERIC_PACKAGES, Finding, Observed, diagnose
+from envlock.diagnosis.diagnose import Finding, Observed, diagnose
+from envlock.diagnosis.findings import NOT_RUNTIME, changes_predictions, custom_object_packages
 from envlock.envs.interpreters import python_version
 from envlock.envs.inventory import inventory
 from envlock.errors import BadInputError, WorkerError
@@ -23,8 +24,6 @@ from envlock.locking.reqfile import locked_pins
 from envlock.settings import Settings
 from envlock.sidecar.store import read_sidecar
 from envlock.worker.client import WorkerClient
-
-_NOT_RUNTIME = frozenset({"envlock", "pip", "setuptools", "wheel", "uv"})
 
 
 @dataclass(frozen=True)
@@ -76,18 +75,17 @@ def diff(model: str | os.PathLike[str], *, python: str | os.PathLike[str] | None
                             hint="give --python the path of a python executable, e.g. .venv/bin/python")
     locked = locked_pins(sc.file("requirements.lock.txt").read_text())
     current = inventory(target)
-    custom = {str(c.get("module", "")).split(".")[0].replace("_", "-")
-              for c in sc.get("custom_objects", default=[])}
+    custom = custom_object_packages(sc.get("custom_objects", default=[]))
     changes = []
     for name in sorted(set(locked) | set(current)):
-        if name in _NOT_RUNTIME or locked.get(name) == current.get(name):
+        if name in NOT_RUNTIME or locked.get(name) == current.get(name):
             continue
-        matters = name in NUMERIC_PACKAGES or name.startswith("nvidia-") or name in custom
-        changes.append(PackageChange(name, locked.get(name), current.get(name), matters))
+        changes.append(PackageChange(name, locked.get(name), current.get(name),
+                                     changes_predictions(name, custom)))
     changes.sort(key=lambda c: (not c.matters, c.name))
 
     obs = Observed(packages=current, platform=platform_facts(), gpu=gpu_facts(),
-                   custom_modules=frozenset(custom))
+                   custom_modules=custom)
     framework_error = None
     log = settings.home / "logs" / f"diff-{os.getpid()}.log"
     try:

@@ -12,7 +12,16 @@ kept apart as ``notes``.
 from collections.abc import Mapping
 from typing import Any
 
-from envlock.diagnosis.findings import NUMERIC_PACKAGES, PRIORS, Collector, Finding, Observed, minor
+from envlock.diagnosis.findings import (
+    NOT_RUNTIME,
+    NUMERIC_PACKAGES,
+    PRIORS,
+    Collector,
+    Finding,
+    Observed,
+    changes_predictions,
+    minor,
+)
 from envlock.diagnosis.model_rules import custom_code, custom_modules, model_file
 
 __all__ = ["NUMERIC_PACKAGES", "PRIORS", "Finding", "Observed", "diagnose"]
@@ -55,18 +64,16 @@ def _framework(m: Mapping[str, Any], o: Observed, c: Collector) -> None:
 def _packages(m: Mapping[str, Any], locked: Mapping[str, str], o: Observed, c: Collector) -> None:
     if o.packages is None or not locked:
         return
-    ignore = {"envlock", "pip", "setuptools", "wheel", "uv"}
     changed: dict[str, tuple[str | None, str | None]] = {}
     for name in sorted(set(locked) | set(o.packages)):
-        if name in ignore:
+        if name in NOT_RUNTIME:
             continue
         a, b = locked.get(name), o.packages.get(name)
         if a != b:
             changed[name] = (a, b)
     if not changed:
         return
-    matter = {k: v for k, v in changed.items()
-              if k in NUMERIC_PACKAGES or k.startswith("nvidia-") or k in o.custom_modules}
+    matter = {k: v for k, v in changed.items() if changes_predictions(k, o.custom_modules)}
     rest = {k: v for k, v in changed.items() if k not in matter}
     if matter:
         bonus = 0
@@ -93,11 +100,23 @@ def _python(m: Mapping[str, Any], o: Observed, c: Collector) -> None:
               bonus=0 if other_minor else -20)
 
 
+_XLA_KEYS = ("TF_XLA_FLAGS", "XLA_FLAGS", "TF_ENABLE_XLA")
+_THREAD_KEYS = ("TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS", "OMP_NUM_THREADS")
+
+
 def _determinism(m: Mapping[str, Any], o: Observed, c: Collector, on_gpu: bool) -> None:
     rec = m.get("determinism") or {}
     cur = o.determinism
     if cur is None:
         return
+    _numerics(rec, cur, c, on_gpu)
+    _xla(m, o, c, rec, cur)
+    _op_determinism(rec, cur, c)
+    _threads(m, o, c, rec, cur)
+
+
+def _numerics(rec: Mapping[str, Any], cur: Mapping[str, Any], c: Collector, on_gpu: bool) -> None:
+    """oneDNN, TensorFloat-32 and the global dtype policy: what the kernels compute in."""
     r1, c1 = (rec.get("onednn") or {}).get("effective"), (cur.get("onednn") or {}).get("effective")
     if r1 is not None and c1 is not None and r1 != c1:
         c.add("onednn_differs", f"oneDNN optimisations {'on' if c1 else 'off'} here, "
@@ -115,14 +134,17 @@ def _determinism(m: Mapping[str, Any], o: Observed, c: Collector, on_gpu: bool) 
               rec.get("dtype_policy"), cur.get("dtype_policy"),
               f"keras.config.set_dtype_policy({rec.get('dtype_policy')!r}) before loading, and remove "
               "whatever sets the policy globally")
+
+
+def _xla(m: Mapping[str, Any], o: Observed, c: Collector, rec: Mapping[str, Any],
+         cur: Mapping[str, Any]) -> None:
     renv, cenv = rec.get("env") or {}, cur.get("env") or {}
-    xla_keys = ("TF_XLA_FLAGS", "XLA_FLAGS", "TF_ENABLE_XLA")
     # The model's own jit_compile (stored in a .keras file by compile(jit_compile=True)) as the
     # predicting model had it: at save, and here.
     rjit, cjit = (m.get("model") or {}).get("jit_compile"), o.model_jit
     model_jit_differs = rjit is not None and cjit is not None and bool(rjit) != bool(cjit)
     if (rec.get("jit") or "") != (cur.get("jit") or "") or model_jit_differs \
-            or any(renv.get(k) != cenv.get(k) for k in xla_keys):
+            or any(renv.get(k) != cenv.get(k) for k in _XLA_KEYS):
         fix = "use the recorded XLA settings (unset TF_XLA_FLAGS / tf.config.optimizer.set_jit(False))"
         if model_jit_differs:
             fix = (f"predict with model.jit_compile = {bool(rjit)} as at save (the file as saved stored "
@@ -131,12 +153,16 @@ def _determinism(m: Mapping[str, Any], o: Observed, c: Collector, on_gpu: bool) 
         c.add("xla_differs", "XLA / auto-jit settings differ"
               + (f": the model predicted with jit_compile={bool(rjit)} at save and {bool(cjit)} here"
                  if model_jit_differs else ""),
-              {"jit": rec.get("jit"), "model_jit_compile": rjit, **{k: renv.get(k) for k in xla_keys}},
-              {"jit": cur.get("jit"), "model_jit_compile": cjit, **{k: cenv.get(k) for k in xla_keys}},
+              {"jit": rec.get("jit"), "model_jit_compile": rjit, **{k: renv.get(k) for k in _XLA_KEYS}},
+              {"jit": cur.get("jit"), "model_jit_compile": cjit, **{k: cenv.get(k) for k in _XLA_KEYS}},
               fix, bonus=20 if model_jit_differs else 0)
     if o.jit_not_honoured is not None:
         c.notes.append({"what": f"the file stores jit_compile={o.jit_not_honoured}, which could not be "
                                 "applied to the loaded model here: it predicted without it"})
+
+
+def _op_determinism(rec: Mapping[str, Any], cur: Mapping[str, Any], c: Collector) -> None:
+    renv, cenv = rec.get("env") or {}, cur.get("env") or {}
     rec_ops = renv.get("TF_DETERMINISTIC_OPS")
     if (rec.get("op_determinism") and not cur.get("op_determinism")) or \
             (rec_ops and rec_ops != cenv.get("TF_DETERMINISTIC_OPS")):
@@ -149,24 +175,27 @@ def _determinism(m: Mapping[str, Any], o: Observed, c: Collector, on_gpu: bool) 
                "TF_DETERMINISTIC_OPS": cenv.get("TF_DETERMINISTIC_OPS")},
               f"turn it on as at save: {' and '.join(how)} (envlock run applies the recorded "
               "settings unless --no-recorded-env)")
+
+
+def _threads(m: Mapping[str, Any], o: Observed, c: Collector, rec: Mapping[str, Any],
+             cur: Mapping[str, Any]) -> None:
+    renv, cenv = rec.get("env") or {}, cur.get("env") or {}
     # Thread pools exist only where TensorFlow runs the model: a model saved (or run) with
     # another backend has no TensorFlow thread settings to compare.
     tf_both = (m.get("framework") or {}).get("backend", "tensorflow") == "tensorflow" \
         and (o.framework or {}).get("backend", "tensorflow") == "tensorflow" \
         and rec.get("intra_op_threads") is not None and cur.get("intra_op_threads") is not None
-    thread_keys = ("TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS", "OMP_NUM_THREADS")
     rt = (rec.get("intra_op_threads"), rec.get("inter_op_threads"), rec.get("cpu_count"))
     ct = (cur.get("intra_op_threads"), cur.get("inter_op_threads"), cur.get("cpu_count"))
-    env_differs = any(renv.get(k) != cenv.get(k) for k in thread_keys)
+    env_differs = any(renv.get(k) != cenv.get(k) for k in _THREAD_KEYS)
     if tf_both and (rt[:2] != ct[:2] or (rt[:2] == (0, 0) and rt[2] != ct[2]) or env_differs):
+        shown = [k for k in _THREAD_KEYS if renv.get(k) or cenv.get(k)]
         c.add("threads_differ", "thread settings (or the core count TensorFlow sizes its pools by) differ",
-              {"intra": rt[0], "inter": rt[1], "cpus": rt[2],
-               **{k: renv.get(k) for k in thread_keys if renv.get(k) or cenv.get(k)}},
-              {"intra": ct[0], "inter": ct[1], "cpus": ct[2],
-               **{k: cenv.get(k) for k in thread_keys if renv.get(k) or cenv.get(k)}},
+              {"intra": rt[0], "inter": rt[1], "cpus": rt[2], **{k: renv.get(k) for k in shown}},
+              {"intra": ct[0], "inter": ct[1], "cpus": ct[2], **{k: cenv.get(k) for k in shown}},
               "use the recorded thread settings ("
-              + ", ".join(f"{k}={renv.get(k)}" for k in thread_keys if renv.get(k))
-              + ("; " if any(renv.get(k) for k in thread_keys) else "")
+              + ", ".join(f"{k}={renv.get(k)}" for k in _THREAD_KEYS if renv.get(k))
+              + ("; " if any(renv.get(k) for k in _THREAD_KEYS) else "")
               + "tf.config.threading.set_intra_op/inter_op_parallelism_threads at save and run): "
               "reductions split work by thread count")
 

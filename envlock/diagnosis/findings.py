@@ -4,7 +4,7 @@ in diagnose.py (the environment) and diagnose_model.py (the model file and its c
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -38,6 +38,20 @@ NUMERIC_PACKAGES = frozenset({
     "jaxlib", "torch", "protobuf", "scipy", "keras-nlp", "keras-hub", "keras-cv", "tensorflow-hub",
     "tensorflow-text", "intel-extension-for-tensorflow",
 })
+
+# Installed with or around the model's environment, but never imported by what it computes.
+NOT_RUNTIME = frozenset({"envlock", "pip", "setuptools", "wheel", "uv"})
+
+
+def changes_predictions(package: str, custom_packages: Collection[str]) -> bool:
+    """Whether another version of ``package`` can change what the model computes."""
+    return package in NUMERIC_PACKAGES or package.startswith("nvidia-") or package in custom_packages
+
+
+def custom_object_packages(custom_objects: Iterable[Mapping[str, Any]]) -> frozenset[str]:
+    """The distributions the custom objects' code likely comes from: the top-level module
+    names as distribution names (``my_layers.blocks`` -> ``my-layers``)."""
+    return frozenset(str(c.get("module", "")).split(".")[0].replace("_", "-") for c in custom_objects)
 
 
 @dataclass(frozen=True)

@@ -24,19 +24,18 @@ def _initial_value_hashes(var: Mapping[str, Any]) -> set[str]:
     return {array_sha256(np.zeros(shape, dtype)), array_sha256(np.ones(shape, dtype))}
 
 
-def compare_variables(recorded: list[Mapping[str, Any]], current: list[Mapping[str, Any]]
-                      ) -> dict[str, Any]:
-    """The recorded and current variables matched by path, summed up per layer.
+def _reset_to_initial(r: Mapping[str, Any], v: Mapping[str, Any]) -> bool:
+    """``v`` differs from the recorded ``r`` by holding its initial value where ``r`` did not."""
+    return r["sha256"] != v["sha256"] and v["sha256"] in _initial_value_hashes(v) \
+        and r["sha256"] not in _initial_value_hashes(r)
 
-    A layer is unchanged, changed, new (only here) or gone (only at save); a gone and a new
-    layer whose variables have the same shapes, in order, are one layer renamed. A variable
-    that differs and now holds its initial value (all zeros or all ones where the recorded one
-    did not) says the layer's weights were never loaded into it.
-    """
+
+def _layer_states(rec: Mapping[str, Mapping[str, Any]], cur: Mapping[str, Mapping[str, Any]]
+                  ) -> tuple[dict[str, dict[str, list[str]]], list[str]]:
+    """Each layer's variables by state (unchanged, changed, new, gone), and the changed variables
+    that now hold their initial value."""
     from envlock.worker.payload.fingerprint import layer_of
 
-    rec = {str(v["path"]): v for v in recorded}
-    cur = {str(v["path"]): v for v in current}
     layers: dict[str, dict[str, list[str]]] = {}
 
     def mark(layer: str, state: str, var: str) -> None:
@@ -51,11 +50,17 @@ def compare_variables(recorded: list[Mapping[str, Any]], current: list[Mapping[s
             mark(layer_of(path), "unchanged", path)
         else:
             mark(layer_of(path), "changed", path)
-            if v["sha256"] in _initial_value_hashes(v) and r["sha256"] not in _initial_value_hashes(r):
+            if _reset_to_initial(r, v):
                 initial.append(path)
     for path in rec:
         if path not in cur:
             mark(layer_of(path), "gone", path)
+    return layers, initial
+
+
+def _renamed(layers: Mapping[str, Mapping[str, list[str]]], rec: Mapping[str, Mapping[str, Any]],
+             cur: Mapping[str, Mapping[str, Any]]) -> dict[str, str]:
+    """Gone layers paired with new ones whose variables have the same shapes, in order."""
     gone = [k for k, st in layers.items() if set(st) == {"gone"}]
     new = [k for k, st in layers.items() if set(st) == {"new"}]
     renamed: dict[str, str] = {}
@@ -65,33 +70,48 @@ def compare_variables(recorded: list[Mapping[str, Any]], current: list[Mapping[s
             if n not in renamed.values() and [cur[p]["shape"] for p in layers[n]["new"]] == shapes:
                 renamed[g] = n
                 break
+    return renamed
+
+
+def _state(st: Mapping[str, list[str]]) -> str:
+    if set(st) == {"unchanged"}:
+        return "unchanged"
+    if set(st) == {"new"}:
+        return "new"
+    if set(st) == {"gone"}:
+        return "gone"
+    return "changed"
+
+
+def compare_variables(recorded: list[Mapping[str, Any]], current: list[Mapping[str, Any]]
+                      ) -> dict[str, Any]:
+    """The recorded and current variables matched by path, summed up per layer.
+
+    A layer is unchanged, changed, new (only here) or gone (only at save); a gone and a new
+    layer whose variables have the same shapes, in order, are one layer renamed. A variable
+    that differs and now holds its initial value (all zeros or all ones where the recorded one
+    did not) says the layer's weights were never loaded into it.
+    """
+    from envlock.worker.payload.fingerprint import layer_of
+
+    rec = {str(v["path"]): v for v in recorded}
+    cur = {str(v["path"]): v for v in current}
+    layers, initial = _layer_states(rec, cur)
+    renamed = _renamed(layers, rec, cur)
+    same_weights = {g: all(rec[a]["sha256"] == cur[b]["sha256"]
+                           for a, b in zip(layers[g]["gone"], layers[n]["new"]))
+                    for g, n in renamed.items()}
     for g, n in renamed.items():
-        pairs = list(zip(layers[g]["gone"], layers[n]["new"]))
-        if all(rec[a]["sha256"] == cur[b]["sha256"] for a, b in pairs):
-            continue
-        for a, b in pairs:
-            if rec[a]["sha256"] != cur[b]["sha256"] and cur[b]["sha256"] in _initial_value_hashes(cur[b]) \
-                    and rec[a]["sha256"] not in _initial_value_hashes(rec[a]):
-                initial.append(b)
-
-    def state(st: dict[str, list[str]]) -> str:
-        if set(st) == {"unchanged"}:
-            return "unchanged"
-        if set(st) == {"new"}:
-            return "new"
-        if set(st) == {"gone"}:
-            return "gone"
-        return "changed"
-
+        if not same_weights[g]:
+            initial += [b for a, b in zip(layers[g]["gone"], layers[n]["new"])
+                        if _reset_to_initial(rec[a], cur[b])]
     by_state: dict[str, list[str]] = {"unchanged": [], "changed": [], "new": [], "gone": []}
     for layer, st in layers.items():
-        by_state[state(st)].append(layer)
+        by_state[_state(st)].append(layer)
     for g, n in renamed.items():
         by_state["gone"].remove(g)
         by_state["new"].remove(n)
-        same = all(rec[a]["sha256"] == cur[b]["sha256"]
-                   for a, b in zip(layers[g]["gone"], layers[n]["new"]))
-        (by_state["unchanged"] if same else by_state["changed"]).append(n)
+        by_state["unchanged" if same_weights[g] else "changed"].append(n)
     return {**{k: sorted(v) for k, v in by_state.items()}, "renamed": renamed,
             "initial_values": sorted({layer_of(p) for p in initial}),
             "initial_variables": sorted(initial)}

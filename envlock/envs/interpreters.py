@@ -17,8 +17,8 @@ import json
 import os
 import platform
 import sys
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from envlock import proc
@@ -202,6 +202,52 @@ def _conda(req: _Request, env: Mapping[str, str]) -> Iterator[Path]:
             yield found
 
 
+@dataclass
+class _Search:
+    """The candidates looked at so far: each real path once, the same-minor ones kept as a
+    fallback, and the places searched (for the "not found" error)."""
+
+    req: _Request
+    searched: list[str] = field(default_factory=list)
+    seen: set[str] = field(default_factory=set)
+    near: list[Interpreter] = field(default_factory=list)
+
+    def consider(self, path: Path, source: str, known_version: str | None = None) -> Interpreter | None:
+        """The interpreter at ``path`` when it is the exact version asked for."""
+        try:
+            key = os.path.realpath(path)
+        except OSError:
+            return None
+        if key in self.seen:
+            return None
+        self.seen.add(key)
+        found = known_version or _probe(path)
+        if found is None or not self.req.same_minor(found):
+            return None
+        interp = Interpreter(path=path, version=found, source=source, exact=self.req.is_exact(found))
+        if interp.exact:
+            return interp
+        self.near.append(interp)
+        return None
+
+    def first(self, where: str, source: str, candidates: Iterable[Path]) -> Interpreter | None:
+        self.searched.append(where)
+        for cand in candidates:
+            if hit := self.consider(cand, source):
+                return hit
+        return None
+
+    def nearest(self, on_warning: Callable[[str], None] | None) -> Interpreter:
+        """The same-minor candidate with the nearest patch, with a warning; else not found."""
+        if not self.near:
+            raise InterpreterNotFoundError(self.req.text, self.searched)
+        best = min(self.near, key=lambda i: self.req.distance(i.version))
+        _warn(on_warning,
+              f"Python {self.req.text} not found; using {best.version} ({best.path}, from {best.source}): "
+              f"same minor version, another patch")
+        return best
+
+
 def find_python(
     version: str,
     *,
@@ -212,32 +258,12 @@ def find_python(
     """Find CPython ``version`` ("3.12.1"; "3.12" takes any patch) to build an environment from."""
     req = _Request.parse(version)
     env = _environ(settings)
-    searched: list[str] = []
-    seen: set[str] = set()
-    near: list[Interpreter] = []
-
-    def consider(path: Path, source: str, known_version: str | None = None) -> Interpreter | None:
-        try:
-            key = os.path.realpath(path)
-        except OSError:
-            return None
-        if key in seen:
-            return None
-        seen.add(key)
-        found = known_version or _probe(path)
-        if found is None or not req.same_minor(found):
-            return None
-        interp = Interpreter(path=path, version=found, source=source, exact=req.is_exact(found))
-        if interp.exact:
-            return interp
-        near.append(interp)
-        return None
+    search = _Search(req)
 
     current = _current()
-    searched.append(f"the current interpreter ({platform.python_version()})")
-    hit = (consider(current, "current", platform.python_version())
-           if platform.python_implementation() == "CPython" else None)
-    if hit:
+    search.searched.append(f"the current interpreter ({platform.python_version()})")
+    if platform.python_implementation() == "CPython" \
+            and (hit := search.consider(current, "current", platform.python_version())):
         return hit
 
     uv: Path | None
@@ -245,49 +271,40 @@ def find_python(
         uv = uv_tool.find_uv(settings.uv_path)
     except ToolNotFoundError:
         uv = None
-    if uv is not None:
-        searched.append("uv's interpreter discovery")
-        found_by_uv = uv_tool.python_find(uv, req.text)
-        if found_by_uv is not None and (hit := consider(found_by_uv, "uv")):
+    if uv is not None and (hit := search.first("uv's interpreter discovery", "uv", _found_by_uv(uv, req))):
+        return hit
+    if hit := search.first(str(_pyenv_root(env) / "versions"), "pyenv", _pyenv(req, env)):
+        return hit
+    if hit := search.first(f"python{req.minor_text} on PATH", "PATH", _on_path(req, env)):
+        return hit
+    if hit := search.first("conda (" + ", ".join(["$CONDA_PREFIX", *CONDA_ROOTS]) + ")", "conda",
+                           _conda(req, env)):
+        return hit
+
+    if allow_download and (downloaded := _download(uv, req, on_warning)) is not None:
+        search.seen.discard(os.path.realpath(downloaded))
+        if hit := search.consider(downloaded, "download"):
             return hit
+    return search.nearest(on_warning)
 
-    searched.append(str(_pyenv_root(env) / "versions"))
-    for cand in _pyenv(req, env):
-        if hit := consider(cand, "pyenv"):
-            return hit
 
-    searched.append(f"python{req.minor_text} on PATH")
-    for cand in _on_path(req, env):
-        if hit := consider(cand, "PATH"):
-            return hit
+def _found_by_uv(uv: Path, req: _Request) -> Iterator[Path]:
+    found = uv_tool.python_find(uv, req.text)
+    if found is not None:
+        yield found
 
-    searched.append("conda (" + ", ".join(["$CONDA_PREFIX", *CONDA_ROOTS]) + ")")
-    for cand in _conda(req, env):
-        if hit := consider(cand, "conda"):
-            return hit
 
-    if allow_download:
-        if uv is None:
-            _warn(on_warning, f"cannot download Python {req.text}: uv is not installed")
-        else:
-            try:
-                uv_tool.python_install(uv, req.text)
-            except CommandError as exc:
-                _warn(on_warning, f"could not download Python {req.text}: {exc}")
-            else:
-                downloaded = uv_tool.python_find(uv, req.text)
-                if downloaded is not None:
-                    seen.discard(os.path.realpath(downloaded))
-                    if hit := consider(downloaded, "download"):
-                        return hit
-
-    if near:
-        best = min(near, key=lambda i: req.distance(i.version))
-        _warn(on_warning,
-              f"Python {req.text} not found; using {best.version} ({best.path}, from {best.source}): "
-              f"same minor version, another patch")
-        return best
-    raise InterpreterNotFoundError(req.text, searched)
+def _download(uv: Path | None, req: _Request, on_warning: Callable[[str], None] | None) -> Path | None:
+    """Install ``req`` with uv and return its path; None (with a warning) when that fails."""
+    if uv is None:
+        _warn(on_warning, f"cannot download Python {req.text}: uv is not installed")
+        return None
+    try:
+        uv_tool.python_install(uv, req.text)
+    except CommandError as exc:
+        _warn(on_warning, f"could not download Python {req.text}: {exc}")
+        return None
+    return uv_tool.python_find(uv, req.text)
 
 
 def _warn(cb: Callable[[str], None] | None, message: str) -> None:
