@@ -22,7 +22,7 @@ from envlock.errors import SettingsError
 DEFAULT_INDEX_URL = "https://pypi.org/simple"
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"", "0", "false", "no", "off"}
-CONDA_INSTALLERS = ("auto", "conda", "rattler")  # condaenv.INSTALLERS
+CONDA_INSTALLERS = ("auto", "conda", "rattler")  # envs.conda.INSTALLERS
 
 # name → what it sets. Kept in step with the README by tests/test_bad_inputs.py.
 VARIABLES: dict[str, str] = {

@@ -14,13 +14,13 @@ from typing import Any
 
 from envlock.commands.run import recorded_environment
 from envlock.diagnosis.diagnose import Finding, Observed, diagnose
-from envlock.diagnosis.findings import NOT_RUNTIME, changes_predictions, custom_object_packages
+from envlock.diagnosis.findings import changes_predictions, custom_object_packages
 from envlock.envs.interpreters import python_version
 from envlock.envs.inventory import inventory
 from envlock.errors import BadInputError, WorkerError
 from envlock.facts.gpu import gpu_facts
 from envlock.facts.host import platform_facts
-from envlock.locking.reqfile import locked_pins
+from envlock.locking.reqfile import NOT_RUNTIME, locked_pins
 from envlock.settings import Settings
 from envlock.sidecar.store import read_sidecar
 from envlock.worker.client import WorkerClient

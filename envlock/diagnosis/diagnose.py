@@ -13,7 +13,6 @@ from collections.abc import Mapping
 from typing import Any
 
 from envlock.diagnosis.findings import (
-    NOT_RUNTIME,
     NUMERIC_PACKAGES,
     PRIORS,
     Collector,
@@ -23,6 +22,7 @@ from envlock.diagnosis.findings import (
     minor,
 )
 from envlock.diagnosis.model_rules import custom_code, custom_modules, model_file
+from envlock.locking.reqfile import NOT_RUNTIME
 
 __all__ = ["NUMERIC_PACKAGES", "PRIORS", "Finding", "Observed", "diagnose"]
 

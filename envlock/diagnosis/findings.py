@@ -1,6 +1,6 @@
 """What a diagnosis is made of (DESIGN section 4): the cause codes and their priors, a
 finding, what was observed on the target, and the collector that ranks findings. The rules are
-in diagnose.py (the environment) and diagnose_model.py (the model file and its code)."""
+in diagnose.py (the environment) and model_rules.py (the model file and its code)."""
 
 from __future__ import annotations
 
@@ -39,8 +39,6 @@ NUMERIC_PACKAGES = frozenset({
     "tensorflow-text", "intel-extension-for-tensorflow",
 })
 
-# Installed with or around the model's environment, but never imported by what it computes.
-NOT_RUNTIME = frozenset({"envlock", "pip", "setuptools", "wheel", "uv"})
 
 
 def changes_predictions(package: str, custom_packages: Collection[str]) -> bool:

@@ -1,6 +1,6 @@
 """What an environment holds, and whether that is exactly what a lock pins.
 
-The listing runs in the environment's own interpreter (``_worker/inventory.py``, which needs
+The listing runs in the environment's own interpreter (``worker/payload/inventory.py``, which needs
 nothing but the standard library), so it sees what that interpreter imports.
 """
 

@@ -16,16 +16,13 @@ from envlock.envs.cache import EnvCache
 from envlock.envs.inventory import satisfies
 from envlock.envs.key import EnvSpec, default_platform_tag
 from envlock.errors import BadInputError, EnvironmentBuildError
-from envlock.locking.reqfile import locked_pins
+from envlock.locking.reqfile import NOT_RUNTIME, locked_pins
 from envlock.settings import Settings
 from envlock.sidecar.store import Sidecar
 from envlock.worker.payload.framework import ENV_VARS
 
 STRATEGIES = ("auto", "current", "venv", "conda")
 # Not part of what the model computes: the host's own tool, and its installers.
-_NOT_RUNTIME = frozenset({"envlock", "pip", "setuptools", "wheel", "uv"})
-
-
 @dataclass(frozen=True)
 class Resolved:
     strategy: str
@@ -45,8 +42,8 @@ def current_satisfies(sc: Sidecar) -> bool:
     if platform.python_version() != python_version(sc):
         return False
     pins = {k: v for k, v in locked_pins(sc.file("requirements.lock.txt").read_text()).items()
-            if k not in _NOT_RUNTIME}
-    return satisfies(Path(sys.executable), pins, ignore=_NOT_RUNTIME)
+            if k not in NOT_RUNTIME}
+    return satisfies(Path(sys.executable), pins, ignore=NOT_RUNTIME)
 
 
 def resolve_environment(sc: Sidecar, *, settings: Settings, strategy: str = "auto",

@@ -23,6 +23,10 @@ from packaging.version import InvalidVersion
 
 HASH_RE = re.compile(r"--hash[=\s]+(\S+)")
 
+# Installed with or around a locked environment (the installers, envlock itself), but never
+# imported by what the model computes: left out when an environment is compared with its lock.
+NOT_RUNTIME = frozenset({"envlock", "pip", "setuptools", "wheel", "uv"})
+
 
 def logical_lines(text: str) -> Iterator[str]:
     """Requirement-file lines with continuations joined, comments dropped and blanks squeezed."""

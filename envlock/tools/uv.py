@@ -33,7 +33,7 @@ PASSTHROUGH_ENV = (
     "UV_CONCURRENT_INSTALLS",
 )
 
-# `uv venv --relocatable` appeared in 0.2.31; envlock needs it (see envcache).
+# `uv venv --relocatable` appeared in 0.2.31; envlock needs it (see envs/build.py).
 MIN_VERSION = (0, 4, 0)
 
 _INSTALL_HINT = "install uv (`pip install uv`, or see https://docs.astral.sh/uv/), or set ENVLOCK_UV"
