@@ -287,9 +287,13 @@ def test_an_environment_whose_base_interpreter_is_gone_is_rebuilt(cache: EnvCach
 # --- real concurrency, real kills --------------------------------------------------------------
 
 CHILD = textwrap.dedent("""\
-    import json, sys, time
+    import json, signal, sys, time
     from pathlib import Path
     from envlock.envs.cache import EnvCache
+
+    # Ctrl-C as in a terminal: a non-interactive shell starts background jobs (CI run with `&`)
+    # with SIGINT ignored, and Python then installs no KeyboardInterrupt handler.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     from envlock.envs.key import EnvSpec
     from envlock.settings import Settings
 
