@@ -11,9 +11,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # `import envlock` stays cheap: the worker and the CLI import parts of it
     import numpy as np
 
-    from envlock.commands.check import CheckResult
-    from envlock.commands.results import SaveResult
-    from envlock.commands.run import ModelSession, RunResult
+    from envlock.commands.results import CheckResult, RunResult, SaveResult
+    from envlock.commands.run import ModelSession
     from envlock.settings import Settings
 
 __all__ = ["__version__", "check", "load", "lock", "prewarm", "run", "save"]

@@ -20,16 +20,15 @@ from typing import Any
 
 import numpy as np
 
+from envlock.commands.results import CheckResult
 from envlock.commands.run import ModelSession, resolve_environment
 from envlock.diagnosis.compare import (
-    IDENTICAL,
     MISMATCH,
-    WITHIN_TOLERANCE,
     OutputComparison,
     compare_outputs,
     overall_status,
 )
-from envlock.diagnosis.diagnose import Finding, Observed, diagnose
+from envlock.diagnosis.diagnose import Observed, diagnose
 from envlock.diagnosis.findings import custom_object_packages
 from envlock.errors import WorkerError
 from envlock.facts.gpu import gpu_facts
@@ -38,43 +37,7 @@ from envlock.facts.modelfile import file_sha256, tree_sha256
 from envlock.locking.reqfile import locked_pins
 from envlock.worker.payload.framework import ENV_VARS
 
-CHECK_SCHEMA = "envlock.check/1"
 ERROR = "error"  # the model could not be loaded or run on the target
-
-
-@dataclass(frozen=True)
-class CheckResult:
-    model: Path
-    status: str
-    outputs: tuple[OutputComparison, ...]
-    findings: tuple[Finding, ...]
-    notes: tuple[dict[str, Any], ...]
-    strategy: str | None
-    python: str | None
-    tolerance: dict[str, float]
-    error: str | None = None
-    seconds: dict[str, float] = field(default_factory=dict)
-
-    schema = CHECK_SCHEMA
-
-    @property
-    def ok(self) -> bool:
-        return self.status in (IDENTICAL, WITHIN_TOLERANCE)
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "schema": self.schema,
-            "model": str(self.model),
-            "status": self.status,
-            "tolerance": self.tolerance,
-            "outputs": [o.to_json() for o in self.outputs],
-            "findings": [f.to_json() for f in self.findings],
-            "notes": list(self.notes),
-            "strategy": self.strategy,
-            "python": self.python,
-            "error": self.error,
-            "seconds": self.seconds,
-        }
 
 
 def _model_sha(path: Path) -> str | None:

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
+from envlock.commands.results import DiffResult, PackageChange
 from envlock.commands.run import recorded_environment
-from envlock.diagnosis.diagnose import Finding, Observed, diagnose
+from envlock.diagnosis.diagnose import Observed, diagnose
 from envlock.diagnosis.findings import changes_predictions, custom_object_packages
 from envlock.envs.interpreters import python_version
 from envlock.envs.inventory import inventory
@@ -24,43 +23,6 @@ from envlock.locking.reqfile import NOT_RUNTIME, locked_pins
 from envlock.settings import Settings
 from envlock.sidecar.store import read_sidecar
 from envlock.worker.client import WorkerClient
-
-
-@dataclass(frozen=True)
-class PackageChange:
-    name: str
-    recorded: str | None
-    current: str | None
-    matters: bool
-
-    @property
-    def kind(self) -> str:
-        return "added" if self.recorded is None else "removed" if self.current is None else "changed"
-
-
-@dataclass(frozen=True)
-class DiffResult:
-    model: Path
-    python: str
-    packages: tuple[PackageChange, ...]
-    findings: tuple[Finding, ...]
-    framework_error: str | None
-
-    schema = "envlock.diff/1"
-
-    @property
-    def differences(self) -> int:
-        return len(self.packages) + len(self.findings)
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "schema": self.schema, "model": str(self.model), "python": self.python,
-            "differences": self.differences,
-            "packages": [{"name": p.name, "kind": p.kind, "recorded": p.recorded, "current": p.current,
-                          "matters": p.matters} for p in self.packages],
-            "findings": [f.to_json() for f in self.findings],
-            "framework_error": self.framework_error,
-        }
 
 
 def diff(model: str | os.PathLike[str], *, python: str | os.PathLike[str] | None = None,

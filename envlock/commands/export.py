@@ -12,10 +12,10 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import envlock
 from envlock import templating
+from envlock.commands.results import ExportResult
 from envlock.errors import BadInputError
 from envlock.facts.modelfile import sidecar_path
 from envlock.fs import atomic_write
@@ -23,24 +23,9 @@ from envlock.locking import condarender
 from envlock.sidecar.store import Sidecar, read_sidecar
 from envlock.worker.payload.framework import ENV_VARS
 
-EXPORT_SCHEMA = "envlock.export/1"
 # Docker's names for the machines that the official python images are built for.
 _DOCKER_PLATFORMS = {"x86_64": "linux/amd64", "amd64": "linux/amd64", "aarch64": "linux/arm64",
                      "arm64": "linux/arm64"}
-
-
-@dataclass(frozen=True)
-class ExportResult:
-    model: Path
-    format: str
-    text: str
-    output: Path | None  # None: the caller prints ``text``
-
-    schema = EXPORT_SCHEMA
-
-    def to_json(self) -> dict[str, Any]:
-        return {"schema": self.schema, "model": str(self.model), "format": self.format,
-                "output": str(self.output) if self.output else None, "text": self.text}
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from envlock.diagnosis.compare import IDENTICAL, WITHIN_TOLERANCE, OutputComparison
+from envlock.diagnosis.findings import Finding
+
+CHECK_SCHEMA = "envlock.check/1"
+EXPORT_SCHEMA = "envlock.export/1"
+
 
 def _jsonable(obj: Any) -> Any:
     if isinstance(obj, Path):
@@ -132,3 +138,174 @@ class CacheGcResult:
 
     def to_json(self) -> dict[str, Any]:
         return {"schema": self.schema, "removed": [r.to_json() for r in self.removed]}
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    model: Path
+    status: str
+    outputs: tuple[OutputComparison, ...]
+    findings: tuple[Finding, ...]
+    notes: tuple[dict[str, Any], ...]
+    strategy: str | None
+    python: str | None
+    tolerance: dict[str, float]
+    error: str | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    schema = CHECK_SCHEMA
+
+    @property
+    def ok(self) -> bool:
+        return self.status in (IDENTICAL, WITHIN_TOLERANCE)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "schema": self.schema,
+            "model": str(self.model),
+            "status": self.status,
+            "tolerance": self.tolerance,
+            "outputs": [o.to_json() for o in self.outputs],
+            "findings": [f.to_json() for f in self.findings],
+            "notes": list(self.notes),
+            "strategy": self.strategy,
+            "python": self.python,
+            "error": self.error,
+            "seconds": self.seconds,
+        }
+
+
+@dataclass(frozen=True)
+class PackageChange:
+    name: str
+    recorded: str | None
+    current: str | None
+    matters: bool
+
+    @property
+    def kind(self) -> str:
+        return "added" if self.recorded is None else "removed" if self.current is None else "changed"
+
+
+@dataclass(frozen=True)
+class DiffResult:
+    model: Path
+    python: str
+    packages: tuple[PackageChange, ...]
+    findings: tuple[Finding, ...]
+    framework_error: str | None
+
+    schema = "envlock.diff/1"
+
+    @property
+    def differences(self) -> int:
+        return len(self.packages) + len(self.findings)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "schema": self.schema, "model": str(self.model), "python": self.python,
+            "differences": self.differences,
+            "packages": [{"name": p.name, "kind": p.kind, "recorded": p.recorded, "current": p.current,
+                          "matters": p.matters} for p in self.packages],
+            "findings": [f.to_json() for f in self.findings],
+            "framework_error": self.framework_error,
+        }
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    model: Path
+    format: str
+    text: str
+    output: Path | None  # None: the caller prints ``text``
+
+    schema = EXPORT_SCHEMA
+
+    def to_json(self) -> dict[str, Any]:
+        return {"schema": self.schema, "model": str(self.model), "format": self.format,
+                "output": str(self.output) if self.output else None, "text": self.text}
+
+
+@dataclass(frozen=True)
+class Validation:
+    status: str
+    outputs: tuple[OutputComparison, ...]
+    seconds: float
+    # Outputs the model samples at inference: compared and reported, but not part of ``status``.
+    sampled: tuple[str, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {"status": self.status, "outputs": [o.to_json() for o in self.outputs],
+                "seconds": self.seconds, "sampled_outputs": list(self.sampled)}
+
+
+@dataclass(frozen=True)
+class RunResult:
+    model: Path
+    output: Path
+    rows: int
+    outputs: tuple[dict[str, Any], ...]
+    strategy: str
+    python: Path
+    env_path: Path | None
+    built: bool
+    validation: Validation | None
+    seconds: dict[str, float] = field(default_factory=dict)
+    sampled_outputs: tuple[str, ...] = ()
+    note: str | None = None
+    nonfinite_rows: int = 0  # input rows holding a NaN or an infinity: predicted, and reported
+
+    schema = "envlock.run/1"
+
+    @property
+    def reproducible(self) -> bool:
+        """Whether every output is promised bit for bit (not for a model that samples)."""
+        return not self.sampled_outputs
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "schema": self.schema, "model": str(self.model), "output": str(self.output),
+            "rows": self.rows, "outputs": list(self.outputs), "strategy": self.strategy,
+            "python": str(self.python), "env_path": str(self.env_path) if self.env_path else None,
+            "built": self.built, "validation": self.validation.to_json() if self.validation else None,
+            "seconds": self.seconds, "reproducible": self.reproducible,
+            "sampled_outputs": list(self.sampled_outputs), "note": self.note,
+            "nonfinite_rows": self.nonfinite_rows,
+        }
+
+
+@dataclass(frozen=True)
+class ShardResult:
+    input: Path
+    output: Path
+    provenance: Path
+    rows: int
+    seconds: float
+    node: dict[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"input": str(self.input), "output": str(self.output), "provenance": str(self.provenance),
+                "rows": self.rows, "seconds": self.seconds, "node_id": self.node.get("node_id"),
+                "hostname": self.node.get("hostname")}
+
+
+@dataclass(frozen=True)
+class ShardRunResult:
+    model: Path
+    input: str
+    output_dir: Path
+    rows: int
+    shards: tuple[ShardResult, ...]
+    nodes: tuple[dict[str, Any], ...]  # one per worker (actor): where it ran, what it proved
+    lock_sha256: str
+    ray_address: str | None
+    seconds: float
+
+    schema = "envlock.run.shards/1"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"schema": self.schema, "model": str(self.model), "input": self.input,
+                "output_dir": str(self.output_dir), "rows": self.rows, "lock_sha256": self.lock_sha256,
+                "ray": {"address": self.ray_address} if self.ray_address is not None else None,
+                "shards": [s.to_json() for s in self.shards], "nodes": list(self.nodes),
+                "seconds": self.seconds}

@@ -11,12 +11,12 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from envlock.diagnosis.compare import IDENTICAL, MISMATCH, OutputComparison, compare_outputs, overall_status
+from envlock.commands.results import RunResult, Validation
+from envlock.diagnosis.compare import IDENTICAL, MISMATCH, compare_outputs, overall_status
 from envlock.envs.strategy import (
     Resolved,
     recorded_environment,
@@ -36,19 +36,6 @@ if TYPE_CHECKING:  # numpy is imported where arrays are handled: `envlock env` n
 
 Stage = Callable[[str], None]
 Progress = Callable[[int, int], None]
-
-
-@dataclass(frozen=True)
-class Validation:
-    status: str
-    outputs: tuple[OutputComparison, ...]
-    seconds: float
-    # Outputs the model samples at inference: compared and reported, but not part of ``status``.
-    sampled: tuple[str, ...] = ()
-
-    def to_json(self) -> dict[str, Any]:
-        return {"status": self.status, "outputs": [o.to_json() for o in self.outputs],
-                "seconds": self.seconds, "sampled_outputs": list(self.sampled)}
 
 
 # Validation status when every output is sampled at inference: nothing could be compared bitwise.
@@ -78,41 +65,6 @@ def reproducibility_note(manifest: Mapping[str, Any], validation: Validation | N
         return note + "; no other output could prove this environment, so the probe was only run"
     return note + (f"; the other output(s) matched the probe ({validation.status.replace('_', ' ')}), "
                    "which is what proves this environment")
-
-
-@dataclass(frozen=True)
-class RunResult:
-    model: Path
-    output: Path
-    rows: int
-    outputs: tuple[dict[str, Any], ...]
-    strategy: str
-    python: Path
-    env_path: Path | None
-    built: bool
-    validation: Validation | None
-    seconds: dict[str, float] = field(default_factory=dict)
-    sampled_outputs: tuple[str, ...] = ()
-    note: str | None = None
-    nonfinite_rows: int = 0  # input rows holding a NaN or an infinity: predicted, and reported
-
-    schema = "envlock.run/1"
-
-    @property
-    def reproducible(self) -> bool:
-        """Whether every output is promised bit for bit (not for a model that samples)."""
-        return not self.sampled_outputs
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "schema": self.schema, "model": str(self.model), "output": str(self.output),
-            "rows": self.rows, "outputs": list(self.outputs), "strategy": self.strategy,
-            "python": str(self.python), "env_path": str(self.env_path) if self.env_path else None,
-            "built": self.built, "validation": self.validation.to_json() if self.validation else None,
-            "seconds": self.seconds, "reproducible": self.reproducible,
-            "sampled_outputs": list(self.sampled_outputs), "note": self.note,
-            "nonfinite_rows": self.nonfinite_rows,
-        }
 
 
 def import_modules(sc: Sidecar, resolved: Resolved, modules: tuple[str, ...], *,

@@ -27,13 +27,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from envlock.commands.results import ShardResult, ShardRunResult, Validation
 from envlock.errors import BadInputError, InputArrayError, MismatchError
 from envlock.sidecar.arrays import check_input_file, save_npz
 
 if TYPE_CHECKING:
     import numpy as np
 
-    from envlock.commands.run import ModelSession, Validation
+    from envlock.commands.run import ModelSession
 
 SUFFIXES = (".npy", ".npz", ".parquet")
 PROVENANCE_SUFFIX = ".envlock.json"
@@ -55,43 +56,6 @@ class Shard:
     @property
     def kind(self) -> str:
         return self.path.suffix[1:]
-
-
-@dataclass(frozen=True)
-class ShardResult:
-    input: Path
-    output: Path
-    provenance: Path
-    rows: int
-    seconds: float
-    node: dict[str, Any]
-
-    def to_json(self) -> dict[str, Any]:
-        return {"input": str(self.input), "output": str(self.output), "provenance": str(self.provenance),
-                "rows": self.rows, "seconds": self.seconds, "node_id": self.node.get("node_id"),
-                "hostname": self.node.get("hostname")}
-
-
-@dataclass(frozen=True)
-class ShardRunResult:
-    model: Path
-    input: str
-    output_dir: Path
-    rows: int
-    shards: tuple[ShardResult, ...]
-    nodes: tuple[dict[str, Any], ...]  # one per worker (actor): where it ran, what it proved
-    lock_sha256: str
-    ray_address: str | None
-    seconds: float
-
-    schema = "envlock.run.shards/1"
-
-    def to_json(self) -> dict[str, Any]:
-        return {"schema": self.schema, "model": str(self.model), "input": self.input,
-                "output_dir": str(self.output_dir), "rows": self.rows, "lock_sha256": self.lock_sha256,
-                "ray": {"address": self.ray_address} if self.ray_address is not None else None,
-                "shards": [s.to_json() for s in self.shards], "nodes": list(self.nodes),
-                "seconds": self.seconds}
 
 
 # -- finding and checking shards -----------------------------------------------------------------
