@@ -21,6 +21,7 @@ from pathlib import Path
 from envlock import proc
 from envlock.envs.interpreters import CONDA_ROOTS
 from envlock.errors import ToolNotFoundError
+from envlock.tools import exe_name
 
 PASSTHROUGH_ENV = ("CONDA_PKGS_DIRS", "CONDARC", "MAMBA_ROOT_PREFIX", "MAMBARC", "SSL_CERT_FILE",
                    "REQUESTS_CA_BUNDLE")
@@ -34,10 +35,6 @@ _INSTALL_HINT = ("install micromamba, mamba or conda, or set ENVLOCK_CONDA; with
 class CondaExe:
     path: Path
     flavour: str  # micromamba, mamba or conda
-
-
-def _exe(name: str) -> str:
-    return name + ".exe" if os.name == "nt" else name
 
 
 def _usable(path: Path) -> bool:
@@ -88,7 +85,7 @@ def find_conda(explicit: str | None = None, *, environ: Mapping[str, str] | None
         searched.append(str(base))
         for flavour in FLAVOURS:
             for sub in ("bin", "condabin", "Scripts", "Library/bin"):
-                cand = base / sub / _exe(flavour)
+                cand = base / sub / exe_name(flavour)
                 if _usable(cand):
                     return CondaExe(cand, flavour)
     raise ToolNotFoundError("conda", searched, hint=_INSTALL_HINT)
@@ -101,14 +98,14 @@ def find_conda_lock(explicit: str | None = None, *, environ: Mapping[str, str] |
     given = _explicit("conda-lock", explicit or env.get("ENVLOCK_CONDA_LOCK"), "ENVLOCK_CONDA_LOCK")
     if given is not None:
         return given
-    beside = Path(sys.executable).parent / _exe("conda-lock")
+    beside = Path(sys.executable).parent / exe_name("conda-lock")
     searched = [str(beside.parent), "PATH", "~/.local/bin"]
     if _usable(beside):
         return beside
     on_path = shutil.which("conda-lock")
     if on_path:
         return Path(on_path)
-    known = Path.home() / ".local" / "bin" / _exe("conda-lock")
+    known = Path.home() / ".local" / "bin" / exe_name("conda-lock")
     if _usable(known):
         return known
     raise ToolNotFoundError("conda-lock", searched,

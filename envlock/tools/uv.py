@@ -18,6 +18,7 @@ from pathlib import Path
 
 from envlock import proc
 from envlock.errors import CommandError, ToolNotFoundError
+from envlock.tools import exe_name
 from envlock.tools.sources import index_options
 
 # uv's own variables are stripped by proc.clean_env (a stray UV_INDEX_URL must not change
@@ -39,10 +40,6 @@ MIN_VERSION = (0, 4, 0)
 _INSTALL_HINT = "install uv (`pip install uv`, or see https://docs.astral.sh/uv/), or set ENVLOCK_UV"
 
 
-def _exe(name: str) -> str:
-    return name + ".exe" if os.name == "nt" else name
-
-
 def find_uv(explicit: str | None = None) -> Path:
     """Find the uv executable.
 
@@ -61,7 +58,7 @@ def find_uv(explicit: str | None = None) -> Path:
 
     searched: list[str] = []
     # Not resolved: in a venv sys.executable is a symlink whose directory is the venv's bin.
-    beside = Path(sys.executable).parent / _exe("uv")
+    beside = Path(sys.executable).parent / exe_name("uv")
     searched.append(str(beside.parent))
     if beside.is_file() and os.access(beside, os.X_OK):
         return beside
@@ -71,7 +68,7 @@ def find_uv(explicit: str | None = None) -> Path:
         return Path(on_path)
     for known in (Path.home() / ".local" / "bin", Path.home() / ".cargo" / "bin"):
         searched.append(str(known))
-        cand = known / _exe("uv")
+        cand = known / exe_name("uv")
         if cand.is_file() and os.access(cand, os.X_OK):
             return cand
     searched.append("the uv Python package")
