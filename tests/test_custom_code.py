@@ -18,14 +18,10 @@ and `envlock check` in that unchanged environment must say identical with no fin
 
 from __future__ import annotations
 
-import base64
-import csv
 import hashlib
-import io
 import json
 import subprocess
 import sys
-import zipfile
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -101,33 +97,10 @@ np.save("ref.npy", model.predict(x, batch_size=32, verbose=0))
 '''
 
 
-def _wheel(dest: Path, name: str, version: str, files: dict[str, str]) -> Path:
-    """A pure-Python wheel holding ``files``, built by hand (fixed dates: the same bytes)."""
-    dist = name.replace("-", "_")
-    info = f"{dist}-{version}.dist-info"
-    data = {k: v.encode() for k, v in files.items()}
-    data[f"{info}/METADATA"] = f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n".encode()
-    data[f"{info}/WHEEL"] = (b"Wheel-Version: 1.0\nGenerator: envlock-tests\nRoot-Is-Purelib: true\n"
-                             b"Tag: py3-none-any\n")
-    data[f"{info}/top_level.txt"] = b"zzlayers\n"
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
-    for path, body in data.items():
-        digest = base64.urlsafe_b64encode(hashlib.sha256(body).digest()).rstrip(b"=").decode()
-        writer.writerow([path, f"sha256={digest}", len(body)])
-    writer.writerow([f"{info}/RECORD", "", ""])
-    data[f"{info}/RECORD"] = out.getvalue().encode()
-    path = dest / f"{dist}-{version}-py3-none-any.whl"
-    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
-        for n, body in data.items():
-            zf.writestr(zipfile.ZipInfo(n, date_time=(2020, 1, 1, 0, 0, 0)), body)
-    return path
-
-
 @pytest.fixture(scope="session")
 def zz_index(tmp_path_factory: pytest.TempPathFactory) -> Any:
     wheels = tmp_path_factory.mktemp("zz-wheels")
-    wheel = _wheel(wheels, DIST, "1.0", ZZ_FILES)
+    wheel = li.write_wheel(wheels, DIST, "1.0", ZZ_FILES, metadata={"top_level.txt": "zzlayers\n"})
     index = li.LocalIndex()
     index.add("zz", DIST, li.Listed.of(wheel))
     index.wheels = wheels

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import hashlib
 import http.server
@@ -16,13 +15,13 @@ import sys
 import textwrap
 import threading
 import time
-import zipfile
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import filelock
 import pytest
+from conftest import load_localindex
 
 from envlock.envs.build import BuildEvent
 from envlock.envs.cache import MARKER, EnvCache
@@ -68,26 +67,10 @@ def _leftovers(cache: EnvCache) -> list[str]:
 
 def build_wheel(folder: Path, name: str = "demo_tool", version: str = "1.0") -> tuple[Path, str]:
     """A real, minimal wheel whose console script prints ``sys.prefix``; returns it and its sha256."""
-    folder.mkdir(parents=True, exist_ok=True)
-    dist_info = f"{name}-{version}.dist-info"
-    files = {
-        f"{name}.py": "import sys\n\ndef main():\n    print(sys.prefix)\n",
-        f"{dist_info}/METADATA":
-            f"Metadata-Version: 2.1\nName: {name.replace('_', '-')}\nVersion: {version}\n",
-        f"{dist_info}/WHEEL": "Wheel-Version: 1.0\nGenerator: envlock-tests\nRoot-Is-Purelib: true\n"
-                              "Tag: py3-none-any\n",
-        f"{dist_info}/entry_points.txt": f"[console_scripts]\n{name.replace('_', '-')} = {name}:main\n",
-    }
-    record = []
-    for path, text in files.items():
-        digest = base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b"=").decode()
-        record.append(f"{path},sha256={digest},{len(text.encode())}")
-    record.append(f"{dist_info}/RECORD,,")
-    files[f"{dist_info}/RECORD"] = "\n".join(record) + "\n"
-    wheel = folder / f"{name}-{version}-py3-none-any.whl"
-    with zipfile.ZipFile(wheel, "w") as zf:
-        for path, text in files.items():
-            zf.writestr(zipfile.ZipInfo(path, date_time=(2020, 1, 1, 0, 0, 0)), text)
+    script = name.replace("_", "-")
+    wheel = load_localindex().write_wheel(
+        folder, script, version, {f"{name}.py": "import sys\n\ndef main():\n    print(sys.prefix)\n"},
+        metadata={"entry_points.txt": f"[console_scripts]\n{script} = {name}:main\n"})
     return wheel, hashlib.sha256(wheel.read_bytes()).hexdigest()
 
 

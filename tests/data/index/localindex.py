@@ -19,6 +19,7 @@ import json
 import tarfile
 import threading
 import zipfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -31,33 +32,41 @@ def _norm(name: str) -> str:
     return name.replace("-", "_").lower()
 
 
-def build_wheel(dest: Path, name: str, version: str, requires: tuple[str, ...] = ()) -> Path:
-    """A minimal, installable pure-Python wheel holding one module ``<name>``."""
+def write_wheel(dest: Path, name: str, version: str, files: Mapping[str, str | bytes], *,
+                requires: tuple[str, ...] = (), metadata: Mapping[str, str] | None = None) -> Path:
+    """A pure-Python wheel of ``files`` (path in the wheel: text or bytes), with METADATA, WHEEL,
+    RECORD and the extra ``.dist-info`` files in ``metadata`` (``entry_points.txt``, ...)."""
     dist = _norm(name)
     info = f"{dist}-{version}.dist-info"
-    files = {
-        f"{dist}/__init__.py": f"__version__ = {version!r}\n".encode(),
-        f"{info}/METADATA": (
-            "Metadata-Version: 2.1\n"
-            f"Name: {name}\nVersion: {version}\n"
-            + "".join(f"Requires-Dist: {r}\n" for r in requires)
-        ).encode(),
-        f"{info}/WHEEL": (b"Wheel-Version: 1.0\nGenerator: envlock-tests\n"
-                          b"Root-Is-Purelib: true\nTag: py3-none-any\n"),
-    }
+    data = {k: v.encode() if isinstance(v, str) else v for k, v in files.items()}
+    data[f"{info}/METADATA"] = (
+        "Metadata-Version: 2.1\n"
+        f"Name: {name}\nVersion: {version}\n"
+        + "".join(f"Requires-Dist: {r}\n" for r in requires)
+    ).encode()
+    data[f"{info}/WHEEL"] = (b"Wheel-Version: 1.0\nGenerator: envlock-tests\n"
+                             b"Root-Is-Purelib: true\nTag: py3-none-any\n")
+    data.update({f"{info}/{k}": v.encode() for k, v in (metadata or {}).items()})
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    for path, data in files.items():
-        digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
-        writer.writerow([path, f"sha256={digest}", len(data)])
+    for path, body in data.items():
+        digest = base64.urlsafe_b64encode(hashlib.sha256(body).digest()).rstrip(b"=").decode()
+        writer.writerow([path, f"sha256={digest}", len(body)])
     writer.writerow([f"{info}/RECORD", "", ""])
-    files[f"{info}/RECORD"] = out.getvalue().encode()
+    data[f"{info}/RECORD"] = out.getvalue().encode()
+    dest.mkdir(parents=True, exist_ok=True)
     path = dest / f"{dist}-{version}-py3-none-any.whl"
     with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
-        for name_, data in files.items():
+        for member, body in data.items():
             # A fixed date keeps the bytes (and so the hash) the same from run to run.
-            zf.writestr(zipfile.ZipInfo(name_, date_time=(2020, 1, 1, 0, 0, 0)), data)
+            zf.writestr(zipfile.ZipInfo(member, date_time=(2020, 1, 1, 0, 0, 0)), body)
     return path
+
+
+def build_wheel(dest: Path, name: str, version: str, requires: tuple[str, ...] = ()) -> Path:
+    """A minimal, installable pure-Python wheel holding one module ``<name>``."""
+    return write_wheel(dest, name, version, {f"{_norm(name)}/__init__.py": f"__version__ = {version!r}\n"},
+                       requires=requires)
 
 
 def build_sdist(dest: Path, name: str, version: str) -> Path:
