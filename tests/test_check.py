@@ -506,10 +506,8 @@ def test_cpu_differs(project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 # --- other Keras, other Python (slow: each builds a TensorFlow venv) ------------------------------
 
 
-KERAS2_TRAIN = """\
-import sys
-import numpy as np
-from tensorflow import keras
+# The same small model trained in any Keras: a script is an import of `keras`, then this.
+TRAIN_SMALL_MODEL = """\
 keras.utils.set_random_seed(0)
 inp = keras.Input((4,), name="features")
 x = keras.layers.Dense(8, activation="relu", name="hidden")(inp)
@@ -519,6 +517,7 @@ X = np.random.default_rng(0).standard_normal((64, 4)).astype("float32")
 model.fit(X, X[:, :2] * 3.0, epochs=2, verbose=0)
 model.save(sys.argv[1])
 """
+KERAS2_TRAIN = "import sys\nimport numpy as np\nfrom tensorflow import keras\n" + TRAIN_SMALL_MODEL
 
 
 @pytest.fixture(scope="session")

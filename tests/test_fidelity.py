@@ -25,6 +25,7 @@ from conftest import requires_tf
 from test_check import (
     CONV_MODEL,
     ROOT,
+    TRAIN_SMALL_MODEL,
     causes,
     check_json,
     envlock_cli,
@@ -571,19 +572,7 @@ def project(saved_tiny: Path, tmp_path: Path) -> Path:
 
 # --- a Keras 3 jax environment (no TensorFlow in it) ---------------------------------------------
 
-JAX_TRAIN = """\
-import sys
-import keras
-import numpy as np
-keras.utils.set_random_seed(0)
-inp = keras.Input((4,), name="features")
-x = keras.layers.Dense(8, activation="relu", name="hidden")(inp)
-model = keras.Model(inp, keras.layers.Dense(2, name="logits")(x))
-model.compile(optimizer="adam", loss="mse")
-X = np.random.default_rng(0).standard_normal((64, 4)).astype("float32")
-model.fit(X, X[:, :2] * 3.0, epochs=2, verbose=0)
-model.save(sys.argv[1])
-"""
+JAX_TRAIN = "import sys\nimport keras\nimport numpy as np\n" + TRAIN_SMALL_MODEL
 
 
 @pytest.fixture(scope="session")
