@@ -10,6 +10,7 @@ import tensorflow as tf
 import zoolayers
 from tensorflow import keras
 from tensorflow.keras import layers
+from zoofiles import outputs_of, save_input
 
 tf.random.set_seed(0)
 rng = np.random.default_rng(0)
@@ -17,18 +18,9 @@ ZOO = []
 
 
 def record(name, model, x, flags=()):
-    if isinstance(x, dict):
-        np.savez(name + ".input.npz", **x)
-        inp = name + ".input.npz"
-    else:
-        np.save(name + ".input.npy", x)
-        inp = name + ".input.npy"
+    inp = save_input(name, x)
     model.save(name)
-    pred = model.predict(x, verbose=0)
-    if isinstance(pred, dict):
-        pred = [pred[k] for k in sorted(pred)]
-    pred = pred if isinstance(pred, list) else [pred]
-    np.savez(name + ".reference.npz", **{str(i): np.asarray(p) for i, p in enumerate(pred)})
+    np.savez(name + ".reference.npz", **outputs_of(model.predict(x, verbose=0)))
     ZOO.append({"name": name, "input": inp, "save": "cli", "flags": list(flags), "sampling": False,
                 "stack": "keras2"})
 

@@ -14,6 +14,7 @@ import keras
 import numpy as np
 import zoolayers
 from keras import layers
+from zoofiles import outputs_of, save_input
 
 import envlock
 
@@ -22,21 +23,9 @@ rng = np.random.default_rng(0)
 ZOO = []
 
 
-def outputs_of(pred):
-    """Outputs "0".."n-1" in the order envlock writes them (a dict's: sorted by name)."""
-    if isinstance(pred, dict):
-        pred = [pred[k] for k in sorted(pred)]
-    return {str(i): np.asarray(p) for i, p in enumerate(pred if isinstance(pred, list) else [pred])}
-
-
 def record(name, model, x, save="cli", flags=(), sampling=False, probe=None):
     """Write the input rows and the reference; save with envlock.save when save == "api"."""
-    if isinstance(x, dict):
-        np.savez(name + ".input.npz", **x)
-        inp = name + ".input.npz"
-    else:
-        np.save(name + ".input.npy", x)
-        inp = name + ".input.npy"
+    inp = save_input(name, x)
     if save == "api":
         envlock.save(model, name, probe=probe)
     else:
